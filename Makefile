@@ -1,0 +1,35 @@
+# `make test`: from scratch, a virtualenv with the CUDA build of torch, the package with its test extras, the
+# extension built as a CUDA build (so every .cu compiles; CUDA tests skip without a GPU), then pytest.
+# `make demo`: the same environment plus the offline model, then `agl demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.14.1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: test demo build bench clean
+
+$(VENV)/.deps: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" numpy ninja pybind11
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PIP) install -q -e ".[test,demo]" --no-build-isolation
+	touch $@
+
+build: $(VENV)/.deps
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(VENV)/bin/agl demo
+
+bench: build
+	$(PY) bench/bench_ops.py
+
+clean:
+	rm -rf build agl/_C*.so agl/_build_info.py

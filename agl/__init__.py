@@ -1,0 +1,25 @@
+"""agl: AlignGuard-LoRA as a fast PyTorch extension.
+
+Importing `agl` loads the compiled kernels (``agl._C``) when they were built for the running torch; the
+pure-PyTorch reference works without them.
+"""
+from __future__ import annotations
+
+from agl import _load  # noqa: F401  (checks the build against the running torch, registers the ops)
+from agl.functional import AGLTerms, agl_terms
+
+__version__ = "0.1.0"
+
+__all__ = ["AGLTerms", "agl_terms", "AlignmentState", "AGLConfig", "AGLLoss", "__version__"]
+
+
+def __getattr__(name):  # lazy: keeps `import agl` light (transformers/peft load only when needed)
+    if name == "AlignmentState":
+        from agl.fisher import AlignmentState
+
+        return AlignmentState
+    if name in ("AGLConfig", "AGLLoss"):
+        from agl import loss
+
+        return getattr(loss, name)
+    raise AttributeError(f"module 'agl' has no attribute {name!r}")

@@ -1,0 +1,60 @@
+// Plain-struct interface between the torch glue (csrc/*.cpp) and the kernels (csrc/cpu/*.cpp, csrc/cuda/*.cu).
+// No torch headers: the glue validates, makes tensors contiguous, allocates outputs and workspace, then calls these.
+//
+// Template parameters: T = factor dtype (float, double, c10::Half, c10::BFloat16), TM = metric dtype of
+// fisher/task_metric/align_mask (double only with T = double; otherwise float, c10::Half or c10::BFloat16),
+// Acc = accumulation type (double for T = double, float otherwise).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "agl_math.h"
+
+namespace agl {
+
+template <typename T, typename TM, typename Acc>
+struct TermsArgs {
+  int64_t m = 0, n = 0;  // grid: D is m x n
+  int64_t r = 0;         // rank of (B, A)
+  int64_t ra = 0;        // rank of (B_align, A_align); 0 when absent or in mask mode
+  const T* B = nullptr;   // (m, r) row-major contiguous
+  const T* A = nullptr;   // (r, n)
+  const T* Ba = nullptr;  // (m, ra) or nullptr
+  const T* Aa = nullptr;  // (ra, n) or nullptr
+  const TM* F = nullptr;  // fisher (m, n) or nullptr (then G = 1)
+  const TM* H = nullptr;  // task_metric (m, n) or nullptr (then H = 1)
+  const TM* M = nullptr;  // align_mask (m, n) or nullptr; when set, D_A = M * D and Ba/Aa are nullptr
+  Acc scale = 1;
+  EtaParams<Acc> eta{};
+};
+
+// Gradients w.r.t. the five sums (input of the backward), and the outputs of the backward.
+template <typename T, typename Acc>
+struct TermsGrads {
+  Acc gs[kNumSums] = {0, 0, 0, 0, 0};
+  T* dB = nullptr;   // (m, r)
+  T* dA = nullptr;   // (r, n)
+  T* dBa = nullptr;  // (m, ra) or nullptr
+  T* dAa = nullptr;  // (ra, n) or nullptr
+};
+
+// ---- CPU (csrc/cpu/agl_cpu.cpp): deterministic, independent of the thread count. ----
+template <typename T, typename TM, typename Acc>
+void terms_fwd_cpu(const TermsArgs<T, TM, Acc>& a, Acc* sums /* kNumSums */);
+template <typename T, typename TM, typename Acc>
+void terms_bwd_cpu(const TermsArgs<T, TM, Acc>& a, const TermsGrads<T, Acc>& g);
+
+// ---- CUDA (csrc/cuda/agl_cuda.cu): deterministic two-stage reductions. ----
+// The glue asks for the workspace size, allocates it with the torch caching allocator (uninitialised bytes),
+// and passes the current stream as an opaque pointer (cudaStream_t).
+template <typename T, typename TM, typename Acc>
+size_t terms_fwd_cuda_workspace(const TermsArgs<T, TM, Acc>& a);
+template <typename T, typename TM, typename Acc>
+void terms_fwd_cuda(const TermsArgs<T, TM, Acc>& a, Acc* sums /* device, kNumSums */, void* workspace, void* stream);
+template <typename T, typename TM, typename Acc>
+size_t terms_bwd_cuda_workspace(const TermsArgs<T, TM, Acc>& a);
+template <typename T, typename TM, typename Acc>
+void terms_bwd_cuda(const TermsArgs<T, TM, Acc>& a, const TermsGrads<T, Acc>& g, void* workspace, void* stream);
+
+}  // namespace agl

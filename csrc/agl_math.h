@@ -1,0 +1,84 @@
+// Element-wise AGL math, written once and compiled for both the CPU kernel (host) and the CUDA kernels (device).
+//
+// Per grid element (i, j) the fused op sees
+//   d  = D[i,j]   = s * (B @ A)[i,j]
+//   da = D_A[i,j] = s * (B_align @ A_align)[i,j]   (or M[i,j] * d in mask mode)
+//   dt = D_T[i,j] = d - da
+//   g  = G[i,j] (fisher or 1), h = H[i,j] (task_metric or 1)
+// and contributes to five sums (the forward output of agl::terms_fwd):
+//   S[kAlign]      = sum g * da^2
+//   S[kTask]       = sum h * dt^2
+//   S[kOverlap]    = sum eta(d) * |da| * |dt|,   eta(d) = 1 + beta * sigmoid(kappa * (|d| - tau))
+//   S[kCross]      = sum g * da * dt
+//   S[kTaskFisher] = sum g * dt^2
+// Python turns the sums into the four terms (means and the geodesic ratio), so autograd hands the backward the
+// gradient of the loss w.r.t. each sum, gs[k]. The backward then needs, per element, the partial derivatives of
+//   L = sum_k gs[k] * S[k]
+// w.r.t. d (holding da fixed) and w.r.t. da (holding d fixed); see docs/MATH.md for the derivation.
+#pragma once
+
+#if defined(__CUDACC__)
+#define AGL_HD __host__ __device__ __forceinline__
+#else
+#define AGL_HD inline
+#endif
+
+#include <math.h>
+
+namespace agl {
+
+enum SumIndex : int { kAlign = 0, kTask = 1, kOverlap = 2, kCross = 3, kTaskFisher = 4, kNumSums = 5 };
+
+AGL_HD float agl_exp(float x) { return expf(x); }
+AGL_HD double agl_exp(double x) { return exp(x); }
+
+// sign with sign(0) = 0 (and NaN -> 0 is avoided: NaN inputs still poison the products they enter).
+template <typename T>
+AGL_HD T sgn(T x) {
+  return static_cast<T>((T(0) < x) - (x < T(0)));
+}
+
+template <typename T>
+AGL_HD T sigmoid(T x) {
+  return T(1) / (T(1) + agl_exp(-x));
+}
+
+// Scalar hyper-parameters of the overlap weight eta, in the accumulation type.
+template <typename T>
+struct EtaParams {
+  T beta, tau, kappa;
+};
+
+// Adds the contributions of one element to the five running sums s[0..4].
+template <typename T>
+AGL_HD void accumulate_forward(T d, T da, T g, T h, const EtaParams<T>& p, T* s) {
+  const T dt = d - da;
+  const T eta = T(1) + p.beta * sigmoid(p.kappa * (fabs(d) - p.tau));
+  s[kAlign] += g * da * da;
+  s[kTask] += h * dt * dt;
+  s[kOverlap] += eta * fabs(da) * fabs(dt);
+  s[kCross] += g * da * dt;
+  s[kTaskFisher] += g * dt * dt;
+}
+
+// Partial derivatives of L = sum_k gs[k] * S[k] at one element:
+//   dd  = dL/dd  with da held fixed (D_T = D - D_A moves with D)
+//   dda = dL/dda with d held fixed  (D_T moves against D_A)
+// In mask mode (da = M * d) the caller forms the total derivative dd + M * dda.
+template <typename T>
+AGL_HD void element_grads(T d, T da, T g, T h, const EtaParams<T>& p, const T* gs, T& dd, T& dda) {
+  const T dt = d - da;
+  const T ada = fabs(da), adt = fabs(dt);
+  const T sig = sigmoid(p.kappa * (fabs(d) - p.tau));
+  const T eta = T(1) + p.beta * sig;
+  const T deta_dd = p.beta * p.kappa * sig * (T(1) - sig) * sgn(d);
+  const T sdt = sgn(dt), sda = sgn(da);
+  // d/dd: task (h dt^2), overlap (eta(d) |da| |dt|), cross (g da dt), task-fisher (g dt^2)
+  dd = gs[kTask] * T(2) * h * dt + gs[kOverlap] * (deta_dd * ada * adt + eta * ada * sdt) + gs[kCross] * g * da +
+       gs[kTaskFisher] * T(2) * g * dt;
+  // d/dda: align (g da^2), task, overlap, cross (g da (d - da)), task-fisher
+  dda = gs[kAlign] * T(2) * g * da - gs[kTask] * T(2) * h * dt + gs[kOverlap] * eta * (sda * adt - ada * sdt) +
+        gs[kCross] * g * (dt - da) - gs[kTaskFisher] * T(2) * g * dt;
+}
+
+}  // namespace agl

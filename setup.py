@@ -1,0 +1,147 @@
+"""Build of the `agl` extension (distribution `alignguard-lora`).
+
+A CUDA build when torch is a CUDA build and nvcc is found (or AGL_FORCE_CUDA=1); a CPU-only build otherwise or with
+AGL_CPU_ONLY=1. The choice never depends on torch.cuda.is_available(), so GPU-less machines build CUDA wheels.
+Knobs: AGL_FORCE_CUDA, AGL_CPU_ONLY, TORCH_CUDA_ARCH_LIST (default "9.0": Hopper), MAX_JOBS (default from free
+memory), AGL_DEBUG=1 (-O0 -g).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _log(msg: str) -> None:
+    print(f"[agl build] {msg}", file=sys.stderr)
+
+
+def _real_cuda_home() -> str | None:
+    """CUDA_HOME of the real toolkit. A `nvcc` on PATH may be a wrapper script (`exec /usr/local/cuda-X/bin/nvcc`),
+    which would make torch guess its prefix (e.g. /usr/local) and fail to link -lcudart; follow it."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        try:
+            head = Path(real).read_bytes()[:4096]
+            if head.startswith(b"#!"):  # a wrapper script: find the nvcc it execs
+                for tok in head.decode(errors="ignore").split():
+                    if tok.endswith("/bin/nvcc") and os.path.exists(tok):
+                        real = os.path.realpath(tok)
+                        break
+        except OSError:
+            pass
+        candidates.append(str(Path(real).parent.parent))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if os.path.exists(os.path.join(c, "bin", "nvcc")) and glob.glob(os.path.join(c, "lib*", "libcudart*")) + glob.glob(
+            os.path.join(c, "targets", "*", "lib", "libcudart*")
+        ):
+            return c
+    return None
+
+
+def _want_cuda(torch) -> bool:
+    if os.environ.get("AGL_CPU_ONLY") == "1":
+        _log("AGL_CPU_ONLY=1: CPU-only build")
+        return False
+    if os.environ.get("AGL_FORCE_CUDA") == "1":
+        _log("AGL_FORCE_CUDA=1: CUDA build")
+        return True
+    if torch.version.cuda is None:
+        _log(f"torch {torch.__version__} is a CPU build: CPU-only build")
+        return False
+    if _real_cuda_home() is None:
+        _log("torch is a CUDA build but no CUDA toolkit (nvcc) was found: CPU-only build")
+        return False
+    return True
+
+
+def _max_jobs() -> None:
+    if "MAX_JOBS" in os.environ:
+        return
+    try:
+        avail_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        avail_gb = 8
+    jobs = max(1, min(os.cpu_count() or 1, int(avail_gb // 3)))
+    os.environ["MAX_JOBS"] = str(jobs)
+    _log(f"MAX_JOBS={jobs} (from {avail_gb:.0f} GiB free memory; set MAX_JOBS to override)")
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda = _want_cuda(torch)
+    debug = os.environ.get("AGL_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-std=c++17", "-fopenmp"]
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros = [("Py_LIMITED_API", None)] if False else []
+    extra = {"cxx": cxx}
+    if cuda:
+        home = _real_cuda_home()
+        if home:
+            os.environ["CUDA_HOME"] = home
+            cpp_extension.CUDA_HOME = home
+            _log(f"CUDA_HOME={home}")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # torch's build reads the arch of a visible GPU; with none visible it fails. Default to Hopper.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+            _log("TORCH_CUDA_ARCH_LIST not set: building for 9.0 (Hopper, H100/H200); set it for other GPUs (>= 7.5)")
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        extra["nvcc"] = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"] + (
+            ["-Xptxas", "-v"] if os.environ.get("AGL_PTXAS_VERBOSE") == "1" else []
+        )
+        cxx.append("-DAGL_WITH_CUDA")
+        define_macros.append(("AGL_WITH_CUDA", None))
+        Ext = cpp_extension.CUDAExtension
+    else:
+        Ext = cpp_extension.CppExtension
+    _write_build_info(torch, cuda)
+    _max_jobs()
+    return [
+        Ext(
+            name="agl._C",
+            sources=sources,
+            include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+            define_macros=define_macros,
+        )
+    ], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+def _write_build_info(torch, cuda: bool) -> None:
+    """Record what the extension was built against; `import agl` compares it with the running torch."""
+    text = (
+        '"""Written by setup.py at build time; do not edit."""\n'
+        f"TORCH_VERSION = {torch.__version__.split('+')[0]!r}\n"
+        f"TORCH_CUDA = {torch.version.cuda!r}\n"
+        f"WITH_CUDA = {cuda!r}\n"
+        f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None!r}\n"
+    )
+    path = ROOT / "agl" / "_build_info.py"
+    tmp = path.with_suffix(".py.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+ext_modules, build_ext = _extensions()
+
+setup(
+    packages=find_packages(include=["agl", "agl.*"]),
+    package_data={"agl": ["driftcaps/data/*.jsonl", "experiment/data/*"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+)

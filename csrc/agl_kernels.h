@@ -11,6 +11,16 @@
 
 #include "agl_math.h"
 
+// The (T, TM, Acc) combinations the glue dispatches to, listed once. Kernel files instantiate their launchers with
+//   #define AGL_INST(T, TM, Acc) template void terms_fwd_cpu<T, TM, Acc>(...); ...
+//   AGL_FOR_EACH_TERMS_COMBO(AGL_INST)
+// (c10::Half / c10::BFloat16 must be declared where the macro is expanded: include c10/util/Half.h, BFloat16.h.)
+#define AGL_FOR_EACH_TERMS_COMBO(X)                                                                     \
+  X(double, double, double)                                                                          \
+  X(float, float, float) X(float, c10::Half, float) X(float, c10::BFloat16, float)                    \
+  X(c10::Half, float, float) X(c10::Half, c10::Half, float) X(c10::Half, c10::BFloat16, float)        \
+  X(c10::BFloat16, float, float) X(c10::BFloat16, c10::Half, float) X(c10::BFloat16, c10::BFloat16, float)
+
 namespace agl {
 
 template <typename T, typename TM, typename Acc>

@@ -49,11 +49,19 @@ struct EtaParams {
   T beta, tau, kappa;
 };
 
+// sigma = sigmoid(kappa * (|d| - tau)), the logistic part of eta(d). The *_sig variants below take it precomputed
+// so a CPU loop can evaluate all the exponentials of a row first (one tight loop) and the rest of the arithmetic in
+// a second, vectorisable loop; the plain variants compute it themselves. Both give the same arithmetic.
+template <typename T>
+AGL_HD T eta_sigmoid(T d, const EtaParams<T>& p) {
+  return sigmoid(p.kappa * (fabs(d) - p.tau));
+}
+
 // Adds the contributions of one element to the five running sums s[0..4].
 template <typename T>
-AGL_HD void accumulate_forward(T d, T da, T g, T h, const EtaParams<T>& p, T* s) {
+AGL_HD void accumulate_forward_sig(T d, T da, T g, T h, T sig, const EtaParams<T>& p, T* s) {
   const T dt = d - da;
-  const T eta = T(1) + p.beta * sigmoid(p.kappa * (fabs(d) - p.tau));
+  const T eta = T(1) + p.beta * sig;
   s[kAlign] += g * da * da;
   s[kTask] += h * dt * dt;
   s[kOverlap] += eta * fabs(da) * fabs(dt);
@@ -61,15 +69,19 @@ AGL_HD void accumulate_forward(T d, T da, T g, T h, const EtaParams<T>& p, T* s)
   s[kTaskFisher] += g * dt * dt;
 }
 
+template <typename T>
+AGL_HD void accumulate_forward(T d, T da, T g, T h, const EtaParams<T>& p, T* s) {
+  accumulate_forward_sig(d, da, g, h, eta_sigmoid(d, p), p, s);
+}
+
 // Partial derivatives of L = sum_k gs[k] * S[k] at one element:
 //   dd  = dL/dd  with da held fixed (D_T = D - D_A moves with D)
 //   dda = dL/dda with d held fixed  (D_T moves against D_A)
 // In mask mode (da = M * d) the caller forms the total derivative dd + M * dda.
 template <typename T>
-AGL_HD void element_grads(T d, T da, T g, T h, const EtaParams<T>& p, const T* gs, T& dd, T& dda) {
+AGL_HD void element_grads_sig(T d, T da, T g, T h, T sig, const EtaParams<T>& p, const T* gs, T& dd, T& dda) {
   const T dt = d - da;
   const T ada = fabs(da), adt = fabs(dt);
-  const T sig = sigmoid(p.kappa * (fabs(d) - p.tau));
   const T eta = T(1) + p.beta * sig;
   const T deta_dd = p.beta * p.kappa * sig * (T(1) - sig) * sgn(d);
   const T sdt = sgn(dt), sda = sgn(da);
@@ -79,6 +91,11 @@ AGL_HD void element_grads(T d, T da, T g, T h, const EtaParams<T>& p, const T* g
   // d/dda: align (g da^2), task, overlap, cross (g da (d - da)), task-fisher
   dda = gs[kAlign] * T(2) * g * da - gs[kTask] * T(2) * h * dt + gs[kOverlap] * eta * (sda * adt - ada * sdt) +
         gs[kCross] * g * (dt - da) - gs[kTaskFisher] * T(2) * g * dt;
+}
+
+template <typename T>
+AGL_HD void element_grads(T d, T da, T g, T h, const EtaParams<T>& p, const T* gs, T& dd, T& dda) {
+  element_grads_sig(d, da, g, h, eta_sigmoid(d, p), p, gs, dd, dda);
 }
 
 }  // namespace agl

@@ -1,0 +1,401 @@
+"""Alignment Fisher estimation from per-sample gradients, via forward/backward hooks.
+
+For every target layer with frozen base weight W0 (m x n, out x in) and every sample i, the per-sample gradient of
+that sample's *summed* token loss is G_i = sum_t delta_{i,t} x_{i,t}^T, where x are the layer's inputs and delta the
+gradients of the layer's output (for a peft LoRA layer, the output of the LoRA layer: base + LoRA, so delta is exactly
+d loss / d (W0 x)). One forward and one backward per batch give all of them; the per-sample products are taken in
+chunks so memory stays bounded. We accumulate
+
+    F = mean_i G_i * G_i        S_out = mean_i G_i G_i^T  (m x m)        S_in = mean_i G_i^T G_i  (n x n)
+
+then U / V = top eigenvectors (float64 ``eigh``) of S_out / S_in, the fewest reaching ``energy`` of the trace, capped
+at ``max_rank``, and finally divide every layer's F by the mean of F over all layers (global mean 1).
+
+No ``W0.grad`` is computed: all parameters are frozen during estimation and the hooks make each target's output a
+differentiable leaf when nothing upstream requires grad. Under ``torch.distributed`` (DDP, gloo or nccl), samples are
+split across ranks by global index (sample j goes to rank j % world) and the sums are all-reduced, so N samples on k
+ranks give the single-process state up to float rounding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor, nn
+
+from agl.peft_binding import resolve_targets, unwrap_model
+from agl.state import AlignmentState, LayerState
+
+__all__ = [
+    "AlignmentState",
+    "LayerState",
+    "estimate_alignment_state",
+    "estimate_alignment_state_loop",
+    "per_sample_losses",
+]
+
+_CHUNK_ELEMS = 1 << 24  # per-sample gradient elements materialised at once (64 MiB in float32)
+
+
+def per_sample_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross-entropy of each sample: ``logits`` (b, T, V), ``labels`` (b, T) with -100 ignored
+    -> (b,). Position t predicts ``labels[:, t + 1]``, as Hugging Face causal LMs do."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    ce = Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none")
+    return ce.view(target.shape).sum(dim=1)
+
+
+def _sample_true_labels(logits: Tensor, labels: Tensor, sample_ids: Sequence[int], seed: int) -> Tensor:
+    """Labels drawn from the model's own next-token distribution wherever ``labels`` is not -100 (the response).
+    Each sample uses its own generator seeded by its global index, so the draw does not depend on batching or rank."""
+    out = torch.full_like(labels, -100)
+    with torch.no_grad():
+        for row, sid in enumerate(sample_ids):
+            pos = (labels[row, 1:] != -100).nonzero().flatten()
+            if pos.numel() == 0:
+                continue
+            probs = torch.softmax(logits[row, pos].float(), dim=-1)
+            gen = torch.Generator(device=probs.device).manual_seed(int(seed) * 1_000_003 + int(sid))
+            draw = torch.multinomial(probs, 1, generator=gen).flatten()
+            out[row, pos + 1] = draw.to(out.dtype)
+    return out
+
+
+class _Accumulator:
+    """Running sums of G_i^2, G_i G_i^T and G_i^T G_i for one layer (float64)."""
+
+    def __init__(self, shape, device, subspaces: bool, compute_dtype: torch.dtype):
+        m, n = shape
+        self.shape = (m, n)
+        self.compute_dtype = compute_dtype
+        self.F = torch.zeros(m, n, dtype=torch.float64, device=device)
+        self.S_out = torch.zeros(m, m, dtype=torch.float64, device=device) if subspaces else None
+        self.S_in = torch.zeros(n, n, dtype=torch.float64, device=device) if subspaces else None
+
+    def add(self, G: Tensor) -> None:
+        """Add a stack of per-sample gradients G (c, m, n)."""
+        c, m, n = G.shape
+        self.F += G.square().sum(0).to(torch.float64)
+        if self.S_out is not None:
+            rows = G.permute(1, 0, 2).reshape(m, c * n)
+            self.S_out += (rows @ rows.T).to(torch.float64)
+            cols = G.reshape(c * m, n)
+            self.S_in += (cols.T @ cols).to(torch.float64)
+
+    def add_from_activations(self, delta: Tensor, X: Tensor, fan_in_fan_out: bool, chunk_elems: int) -> None:
+        """delta (b, T, out), X (b, T, in) -> G_i = delta_i^T X_i (out x in), or its transpose for fan_in_fan_out."""
+        if delta.dim() == 2:
+            delta, X = delta.unsqueeze(1), X.unsqueeze(1)
+        elif delta.dim() > 3:
+            delta, X = delta.flatten(1, -2), X.flatten(1, -2)
+        delta = delta.to(self.compute_dtype)
+        X = X.to(self.compute_dtype)
+        m, n = self.shape
+        step = max(1, chunk_elems // (m * n))
+        for s in range(0, delta.shape[0], step):
+            d, x = delta[s : s + step], X[s : s + step]
+            G = torch.einsum("bti,bto->bio", x, d) if fan_in_fan_out else torch.einsum("bto,bti->boi", d, x)
+            self.add(G)
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return torch.float32
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _dist_info():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def _iter_samples(batches: Iterable[Mapping[str, Tensor]], max_samples: Optional[int], rank: int, world: int):
+    """Yield (this rank's sub-batch or None, its global sample ids, samples in the batch) with at most
+    ``max_samples`` samples in all."""
+    seen = 0
+    for batch in batches:
+        if max_samples is not None and seen >= max_samples:
+            break
+        if "input_ids" not in batch:
+            raise ValueError(f"agl: each batch must be a dict with `input_ids` (and `attention_mask`, `labels`); got keys {sorted(batch)}")
+        b = batch["input_ids"].shape[0]
+        take = b if max_samples is None else min(b, max_samples - seen)
+        ids = torch.arange(seen, seen + take)
+        seen += take
+        keep = (ids % world == rank).nonzero().flatten()
+        if keep.numel() == 0:
+            yield None, [], take
+            continue
+        sub = {k: (v[:take][keep.to(v.device)] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b else v)
+               for k, v in batch.items()}
+        yield sub, ids[keep].tolist(), take
+
+
+def _labels_of(batch: Mapping[str, Tensor]) -> Tensor:
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"].clone()
+        if batch.get("attention_mask") is not None:
+            labels[batch["attention_mask"] == 0] = -100
+    return labels
+
+
+def _forward_logits(model: nn.Module, batch: Mapping[str, Tensor], device) -> Tensor:
+    kwargs = {"input_ids": batch["input_ids"].to(device)}
+    if batch.get("attention_mask") is not None:
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)
+    out = model(**kwargs, use_cache=False)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+class _Frozen:
+    """Context: eval mode and every parameter frozen; restores both."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.eval()
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.training)
+        return False
+
+
+def _finish(
+    accs: Dict[str, _Accumulator],
+    count: int,
+    *,
+    energy: float,
+    max_rank: int,
+    subspaces: bool,
+    keep_moments: bool,
+    dtype: torch.dtype,
+    options: dict,
+    dist=None,
+) -> AlignmentState:
+    if count == 0:
+        raise ValueError("agl: no samples reached the Fisher estimate (empty data, or max_samples=0)")
+    total_sum = sum(float(a.F.sum()) for a in accs.values())
+    total_numel = sum(a.F.numel() for a in accs.values())
+    raw_mean = total_sum / count / total_numel
+    if not raw_mean > 0:
+        raise ValueError(
+            "agl: the alignment Fisher is zero in every layer: no token carried a loss (are all labels -100?) or the "
+            "targets do not influence the output"
+        )
+    layers = {}
+    for name, a in accs.items():
+        F = (a.F / count / raw_mean).to(dtype)
+        U = V = S_out = S_in = None
+        if subspaces:
+            S_out, S_in = a.S_out / count, a.S_in / count
+            U = _top_eigvecs(S_out, energy, max_rank)
+            V = _top_eigvecs(S_in, energy, max_rank)
+            if dist is not None:  # identical subspaces on every rank, whatever eigh's rounding
+                for t in (U, V):
+                    if t is not None:
+                        dist.broadcast(t, src=0)
+            U = None if U is None else U.to(dtype)
+            V = None if V is None else V.to(dtype)
+        if not keep_moments:
+            S_out = S_in = None
+        layers[name] = LayerState(F, U, V, S_out, S_in)
+    return AlignmentState(layers, count, raw_mean, options)
+
+
+def _top_eigvecs(S: Tensor, energy: float, max_rank: int) -> Optional[Tensor]:
+    """Eigenvectors of the symmetric PSD ``S`` (float64) for the largest eigenvalues: the fewest whose eigenvalues
+    reach ``energy`` of the trace, at most ``max_rank``; None when S is zero."""
+    w, Q = torch.linalg.eigh(S.to(torch.float64))
+    w, Q = w.flip(0).clamp_min(0), Q.flip(1)
+    total = w.sum()
+    if not total > 0:
+        return None
+    frac = torch.cumsum(w, 0) / total
+    k = int(torch.searchsorted(frac, torch.tensor(energy, dtype=frac.dtype, device=frac.device) - 1e-12)) + 1
+    k = max(1, min(k, max_rank, S.shape[0]))
+    return Q[:, :k].contiguous()
+
+
+def _check_options(fisher: str, energy: float, max_rank: int, max_samples) -> None:
+    if fisher not in ("empirical", "true"):
+        raise ValueError(f"agl: `fisher` must be 'empirical' (labels from the data) or 'true' (sampled labels), got {fisher!r}")
+    if not 0.0 < float(energy) <= 1.0:
+        raise ValueError(f"agl: `energy` must be in (0, 1], got {energy}")
+    if int(max_rank) < 1:
+        raise ValueError(f"agl: `max_rank` must be >= 1, got {max_rank}")
+    if max_samples is not None and int(max_samples) < 1:
+        raise ValueError(f"agl: `max_samples` must be >= 1 or None, got {max_samples}")
+
+
+def estimate_alignment_state(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    modules: Optional[Sequence[str]] = None,
+    fisher: str = "empirical",
+    max_samples: Optional[int] = None,
+    energy: float = 0.9,
+    max_rank: int = 64,
+    subspaces: bool = True,
+    keep_moments: bool = False,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    seed: int = 0,
+    split_across_ranks: bool = True,
+    chunk_elems: int = _CHUNK_ELEMS,
+) -> AlignmentState:
+    """Estimate the alignment Fisher and subspaces of ``model`` on ``batches``; returns an :class:`AlignmentState`.
+
+    ``batches``: iterable of dicts as a HF causal LM takes them: ``input_ids`` (b, T), ``attention_mask`` (b, T),
+    ``labels`` (b, T) with -100 on prompt and pad tokens (if absent: ``input_ids`` on attended tokens).
+    ``modules``: qualified names of the layers (peft LoRA layers, whose base layer is hooked, or ``nn.Linear``);
+    default every peft LoRA layer. ``fisher``: ``"empirical"`` (data labels) or ``"true"`` (labels sampled from the
+    model at the labelled positions, per-sample seeded by ``seed``). ``energy``/``max_rank``: subspace rule.
+    ``subspaces=False`` skips S_out/S_in (U = V = None). ``keep_moments`` keeps S_out, S_in in the state (not saved).
+    ``dtype``: dtype of the returned tensors (accumulation is float64). ``split_across_ranks``: under an initialised
+    ``torch.distributed``, each rank processes samples j with j % world == rank (set False when the data is already
+    sharded per rank; the sums are all-reduced either way).
+    The model is put in eval mode with frozen parameters during estimation and restored afterwards.
+    """
+    _check_options(fisher, energy, max_rank, max_samples)
+    net = unwrap_model(model)
+    targets = resolve_targets(net, modules)
+    dist, rank, world = _dist_info()
+    split_rank, split_world = (rank, world) if (dist is not None and split_across_ranks) else (0, 1)
+    device = _model_device(net)
+    cdtype = _compute_dtype(net)
+    accs: Dict[str, _Accumulator] = {}
+    for name, (mod, fifo) in targets.items():
+        w = getattr(mod, "weight", None)
+        if w is None or w.dim() != 2:
+            raise ValueError(f"agl: target {name!r} has no 2-D weight")
+        if w.numel() == 0 or type(w).__name__ in ("DTensor", "FlatParameter") or hasattr(w, "ds_id"):
+            raise NotImplementedError(
+                f"agl: the weight of {name!r} is sharded (FSDP / ZeRO-3); estimate the alignment state on an unsharded "
+                "model (DDP or a single process)"
+            )
+        accs[name] = _Accumulator(tuple(w.shape), device, subspaces, cdtype)
+
+    def fwd_hook(acc: _Accumulator, fifo: bool, module, inputs, output):
+        X = inputs[0].detach()
+        out = output
+        replaced = False
+        if not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+            replaced = True
+        out.register_hook(functools.partial(bwd_hook, acc, fifo, X))
+        return out if replaced else None
+
+    def bwd_hook(acc: _Accumulator, fifo: bool, X: Tensor, grad: Tensor):
+        acc.add_from_activations(grad.detach(), X, fifo, chunk_elems)
+
+    handles = [mod.register_forward_hook(functools.partial(fwd_hook, accs[name], fifo)) for name, (mod, fifo) in targets.items()]
+    count = 0
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_samples, desc="agl fisher", unit="sample")
+    try:
+        with _Frozen(net), torch.enable_grad():
+            for sub, ids, n_batch in _iter_samples(batches, max_samples, split_rank, split_world):
+                if bar is not None:
+                    bar.update(n_batch)
+                if sub is None:
+                    continue
+                labels = _labels_of(sub).to(device)
+                logits = _forward_logits(net, sub, device)
+                if fisher == "true":
+                    labels = _sample_true_labels(logits.detach(), labels, ids, seed)
+                loss = per_sample_losses(logits, labels).sum()
+                if loss.requires_grad:
+                    loss.backward()
+                count += len(ids)
+    finally:
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    if dist is not None:
+        count_t = torch.tensor([float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(count_t)
+        count = int(round(count_t.item()))
+        for a in accs.values():
+            for t in (a.F, a.S_out, a.S_in):
+                if t is not None:
+                    dist.all_reduce(t)
+    options = {
+        "fisher": fisher, "energy": float(energy), "max_rank": int(max_rank), "max_samples": max_samples,
+        "modules": list(targets), "subspaces": bool(subspaces), "seed": int(seed), "world_size": int(world),
+    }
+    return _finish(accs, count, energy=energy, max_rank=max_rank, subspaces=subspaces, keep_moments=keep_moments,
+                   dtype=dtype, options=options, dist=dist)
+
+
+def estimate_alignment_state_loop(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    modules: Optional[Sequence[str]] = None,
+    max_samples: Optional[int] = None,
+    energy: float = 0.9,
+    max_rank: int = 64,
+    subspaces: bool = True,
+    keep_moments: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> AlignmentState:
+    """Brute-force reference (empirical Fisher): one forward/backward per sample, squaring each ``W0.grad``.
+
+    Slow by design; the tests check :func:`estimate_alignment_state` against it and ``bench/bench_fisher.py`` times
+    both. Single process only."""
+    _check_options("empirical", energy, max_rank, max_samples)
+    net = unwrap_model(model)
+    targets = resolve_targets(net, modules)
+    device = _model_device(net)
+    cdtype = _compute_dtype(net)
+    accs = {name: _Accumulator(tuple(mod.weight.shape), device, subspaces, cdtype) for name, (mod, _) in targets.items()}
+    count = 0
+    with _Frozen(net), torch.enable_grad():
+        for mod, _ in targets.values():
+            mod.weight.requires_grad_(True)
+        for sub, ids, _ in _iter_samples(batches, max_samples, 0, 1):
+            for row in range(len(ids)):
+                one = {k: (v[row : row + 1] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in sub.items()}
+                for mod, _ in targets.values():
+                    mod.weight.grad = None
+                logits = _forward_logits(net, one, device)
+                loss = per_sample_losses(logits, _labels_of(one).to(device)).sum()
+                loss.backward()
+                for name, (mod, _) in targets.items():
+                    g = mod.weight.grad
+                    g = torch.zeros_like(mod.weight) if g is None else g
+                    accs[name].add(g.to(cdtype).unsqueeze(0))
+                count += 1
+        for mod, _ in targets.values():
+            mod.weight.grad = None
+    options = {"fisher": "empirical", "energy": float(energy), "max_rank": int(max_rank), "max_samples": max_samples,
+               "modules": list(targets), "subspaces": bool(subspaces), "method": "loop"}
+    return _finish(accs, count, energy=energy, max_rank=max_rank, subspaces=subspaces, keep_moments=keep_moments,
+                   dtype=dtype, options=options)

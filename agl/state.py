@@ -1,0 +1,180 @@
+"""``AlignmentState``: per-layer alignment Fisher and subspaces, saved as safetensors with a JSON header.
+
+File format (``FORMAT_VERSION`` 1): one ``.safetensors`` file. Tensors are named ``"<layer>/fisher"`` (m x n),
+``"<layer>/U"`` (m x k) and ``"<layer>/V"`` (n x k'); the safetensors ``__metadata__`` holds one key, ``"agl"``, a JSON
+object ``{"format": "agl.alignment_state", "version": 1, "layers": {name: {"shape": [m, n], "rank_U": k|null,
+"rank_V": k'|null}}, "num_samples": N, "fisher_scale": s, "fisher_dtype": "float32"|"bfloat16", "options": {...}}``.
+``m x n`` is the base weight's shape as stored (``(out, in)`` for ``nn.Linear``, ``(in, out)`` for ``fan_in_fan_out``).
+Loading never unpickles (safetensors only); saving is atomic (temporary file in the same folder, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerState", "AlignmentState", "FORMAT_VERSION", "STATE_FILENAME"]
+
+FORMAT_VERSION = 1
+STATE_FILENAME = "alignment_state.safetensors"
+_FORMAT = "agl.alignment_state"
+
+
+@dataclass
+class LayerState:
+    """One layer: ``fisher`` (m x n, globally normalised to mean 1 over all layers), ``U`` (m x k, orthonormal
+    columns: top eigenvectors of S_out = mean_i G_i G_i^T) or None, ``V`` (n x k') or None. ``S_out``/``S_in`` are
+    kept only when estimation asked for them (``keep_moments=True``) and are never saved."""
+
+    fisher: Tensor
+    U: Optional[Tensor] = None
+    V: Optional[Tensor] = None
+    S_out: Optional[Tensor] = None
+    S_in: Optional[Tensor] = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.fisher.shape)
+
+
+def _resolve(path: str) -> str:
+    path = os.fspath(path)
+    return path if path.endswith(".safetensors") else os.path.join(path, STATE_FILENAME)
+
+
+@dataclass
+class AlignmentState:
+    """Where alignment lives in each LoRA-adapted layer; built by ``agl.fisher.estimate_alignment_state``.
+
+    ``layers`` maps the qualified name of each adapted module (as ``model.named_modules()`` gives it for the peft
+    LoRA layer, DDP wrappers stripped) to a :class:`LayerState`.
+    """
+
+    layers: Dict[str, LayerState]
+    num_samples: int = 0
+    fisher_scale: float = 1.0  # raw mean Fisher over all layers; fisher = raw / fisher_scale
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"AlignmentState({len(self.layers)} layers, {self.num_samples} samples)"
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str, *, fisher_dtype: torch.dtype = torch.float32) -> str:
+        """Write the state atomically; ``path`` is a directory (``alignment_state.safetensors`` inside it) or a
+        ``.safetensors`` file. ``fisher_dtype=torch.bfloat16`` halves the Fisher's size (U and V stay float32).
+        Returns the file written."""
+        from safetensors.torch import save_file
+
+        if fisher_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"agl: `fisher_dtype` must be float32, bfloat16, float16 or float64, got {fisher_dtype}")
+        target = _resolve(path)
+        folder = os.path.dirname(target) or "."
+        os.makedirs(folder, exist_ok=True)
+        tensors: Dict[str, Tensor] = {}
+        layers_meta = {}
+        for name, ls in self.layers.items():
+            if "/" in name:
+                raise ValueError(f"agl: layer name {name!r} contains '/', which the file format reserves")
+            tensors[f"{name}/fisher"] = ls.fisher.detach().to("cpu", fisher_dtype).contiguous()
+            for key in ("U", "V"):
+                t = getattr(ls, key)
+                if t is not None:
+                    dt = t.dtype if t.dtype == torch.float64 else torch.float32
+                    tensors[f"{name}/{key}"] = t.detach().to("cpu", dt).contiguous()
+            layers_meta[name] = {
+                "shape": list(ls.fisher.shape),
+                "rank_U": None if ls.U is None else int(ls.U.shape[1]),
+                "rank_V": None if ls.V is None else int(ls.V.shape[1]),
+            }
+        meta = {
+            "format": _FORMAT,
+            "version": FORMAT_VERSION,
+            "layers": layers_meta,
+            "num_samples": int(self.num_samples),
+            "fisher_scale": float(self.fisher_scale),
+            "fisher_dtype": str(fisher_dtype).replace("torch.", ""),
+            "options": self.options,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".agl-tmp-", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"agl": json.dumps(meta, sort_keys=True)})
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str, *, device: str | torch.device = "cpu") -> "AlignmentState":
+        """Read a state written by :meth:`save` (never unpickles). Raises ``ValueError`` for a missing or foreign file."""
+        from safetensors import safe_open
+
+        target = _resolve(path)
+        if not os.path.isfile(target):
+            raise ValueError(f"agl: no alignment state at {target!r} (expected a file written by AlignmentState.save)")
+        try:
+            f = safe_open(target, framework="pt", device=str(device))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"agl: {target!r} is not a readable safetensors file ({exc})") from exc
+        with f:
+            raw = (f.metadata() or {}).get("agl")
+            if raw is None:
+                raise ValueError(f"agl: {target!r} has no AGL header; it was not written by AlignmentState.save")
+            meta = json.loads(raw)
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"agl: {target!r} is not an alignment state (format {meta.get('format')!r})")
+            if int(meta.get("version", -1)) > FORMAT_VERSION:
+                raise ValueError(
+                    f"agl: {target!r} has format version {meta['version']}, newer than this agl reads ({FORMAT_VERSION}); "
+                    "upgrade agl"
+                )
+            keys = set(f.keys())
+            layers = {}
+            for name, lm in meta["layers"].items():
+                fisher = f.get_tensor(f"{name}/fisher")
+                if list(fisher.shape) != list(lm["shape"]):
+                    raise ValueError(f"agl: {target!r} is corrupt: {name}/fisher has shape {tuple(fisher.shape)}, header says {lm['shape']}")
+                U = f.get_tensor(f"{name}/U") if f"{name}/U" in keys else None
+                V = f.get_tensor(f"{name}/V") if f"{name}/V" in keys else None
+                layers[name] = LayerState(fisher, U, V)
+        return cls(layers, int(meta.get("num_samples", 0)), float(meta.get("fisher_scale", 1.0)), dict(meta.get("options", {})))
+
+    # ------------------------------------------------------------------ validation
+    def check(self, model, layers=None) -> None:
+        """Raise one ``ValueError`` listing every mismatch between the state and the model's LoRA layers: layers the
+        model adapts that the state lacks, state layers the model lacks, and shape mismatches. ``layers`` is an
+        optional name filter (see ``agl.peft_binding.find_lora_layers``)."""
+        from agl.peft_binding import find_lora_layers, named_lora_layers
+
+        problems = []
+        bindings = find_lora_layers(model, layers)
+        in_model = set(named_lora_layers(model))
+        for b in bindings:
+            ls = self.layers.get(b.name)
+            if ls is None:
+                problems.append(f"{b.name}: in the model, missing from the state")
+                continue
+            m, n = b.shape
+            if ls.shape != (m, n):
+                problems.append(f"{b.name}: state Fisher is {ls.shape[0]}x{ls.shape[1]}, the model's base weight is {m}x{n}")
+                continue
+            if ls.U is not None and ls.U.shape[0] != m:
+                problems.append(f"{b.name}: state U has {ls.U.shape[0]} rows, expected {m}")
+            if ls.V is not None and ls.V.shape[0] != n:
+                problems.append(f"{b.name}: state V has {ls.V.shape[0]} rows, expected {n}")
+        for name in self.layers:
+            if name not in in_model:
+                problems.append(f"{name}: in the state, not a LoRA layer of the model")
+        if problems:
+            raise ValueError(
+                f"agl: the alignment state does not match the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+            )

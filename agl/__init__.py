@@ -10,15 +10,16 @@ from agl.functional import AGLTerms, agl_terms
 
 __version__ = "0.1.0"
 
-__all__ = ["AGLTerms", "agl_terms", "AlignmentState", "AGLConfig", "AGLLoss", "__version__"]
+__all__ = ["AGLTerms", "agl_terms", "AlignmentState", "AGLConfig", "AGLLoss", "AGLLoggingCallback",
+           "estimate_alignment_state", "__version__"]
 
 
 def __getattr__(name):  # lazy: keeps `import agl` light (transformers/peft load only when needed)
-    if name == "AlignmentState":
-        from agl.fisher import AlignmentState
+    if name in ("AlignmentState", "estimate_alignment_state"):
+        from agl import fisher
 
-        return AlignmentState
-    if name in ("AGLConfig", "AGLLoss"):
+        return getattr(fisher, name)
+    if name in ("AGLConfig", "AGLLoss", "AGLLoggingCallback"):
         from agl import loss
 
         return getattr(loss, name)

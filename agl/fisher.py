@@ -37,12 +37,15 @@ __all__ = [
 ]
 
 _CHUNK_ELEMS = 1 << 24  # per-sample gradient elements materialised at once (64 MiB in float32)
+_MOMENTS_VIA_TOKENS = None  # None: pick the cheaper way to form S_out / S_in; True / False force it (tests)
 
 
 def per_sample_losses(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed next-token cross-entropy of each sample: ``logits`` (b, T, V), ``labels`` (b, T) with -100 ignored
     -> (b,). Position t predicts ``labels[:, t + 1]``, as Hugging Face causal LMs do."""
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     target = labels[:, 1:].to(logits.device)
     ce = Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none")
     return ce.view(target.shape).sum(dim=1)
@@ -86,19 +89,38 @@ class _Accumulator:
             self.S_in += (cols.T @ cols).to(torch.float64)
 
     def add_from_activations(self, delta: Tensor, X: Tensor, fan_in_fan_out: bool, chunk_elems: int) -> None:
-        """delta (b, T, out), X (b, T, in) -> G_i = delta_i^T X_i (out x in), or its transpose for fan_in_fan_out."""
+        """delta (b, T, out), X (b, T, in) -> G_i = delta_i^T X_i (out x in), or its transpose for fan_in_fan_out.
+
+        With R the factor indexing G's rows and C its columns (G_i = R_i^T C_i), the second moments are taken in
+        whichever order is cheaper: from G (rows^2 cols + rows cols^2 per sample) or through the T x T token Gram
+        matrices, S_rows = sum_i R_i^T (C_i C_i^T) R_i, S_cols = sum_i C_i^T (R_i R_i^T) C_i (~2 T^2 (rows + cols)
+        + T (rows^2 + cols^2)), which wins for sequences shorter than the layer's width."""
         if delta.dim() == 2:
             delta, X = delta.unsqueeze(1), X.unsqueeze(1)
         elif delta.dim() > 3:
             delta, X = delta.flatten(1, -2), X.flatten(1, -2)
-        delta = delta.to(self.compute_dtype)
-        X = X.to(self.compute_dtype)
+        R, C = (X, delta) if fan_in_fan_out else (delta, X)
+        R = R.to(self.compute_dtype)
+        C = C.to(self.compute_dtype)
         m, n = self.shape
-        step = max(1, chunk_elems // (m * n))
-        for s in range(0, delta.shape[0], step):
-            d, x = delta[s : s + step], X[s : s + step]
-            G = torch.einsum("bti,bto->bio", x, d) if fan_in_fan_out else torch.einsum("bto,bti->boi", d, x)
-            self.add(G)
+        T = R.shape[1]
+        via_tokens = self.S_out is not None and (
+            _MOMENTS_VIA_TOKENS if _MOMENTS_VIA_TOKENS is not None
+            else 2 * T * T * (m + n) + T * (m * m + n * n) < m * n * (m + n))
+        step = max(1, chunk_elems // max(m * n, T * T))
+        for s in range(0, R.shape[0], step):
+            r, c = R[s : s + step], C[s : s + step]
+            G = torch.bmm(r.transpose(1, 2), c)  # (b, m, n)
+            if not via_tokens:
+                self.add(G)
+                continue
+            self.F += G.square().sum(0).to(torch.float64)
+            del G
+            b = r.shape[0]
+            Kc = torch.bmm(c, c.transpose(1, 2))  # (b, T, T)
+            self.S_out += (r.reshape(b * T, m).T @ torch.bmm(Kc, r).reshape(b * T, m)).to(torch.float64)
+            Kr = torch.bmm(r, r.transpose(1, 2))
+            self.S_in += (c.reshape(b * T, n).T @ torch.bmm(Kr, c).reshape(b * T, n)).to(torch.float64)
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:
@@ -287,16 +309,14 @@ def estimate_alignment_state(
     device = _model_device(net)
     cdtype = _compute_dtype(net)
     accs: Dict[str, _Accumulator] = {}
-    for name, (mod, fifo) in targets.items():
+    for name, (mod, fifo, shape) in targets.items():
         w = getattr(mod, "weight", None)
-        if w is None or w.dim() != 2:
-            raise ValueError(f"agl: target {name!r} has no 2-D weight")
-        if w.numel() == 0 or type(w).__name__ in ("DTensor", "FlatParameter") or hasattr(w, "ds_id"):
+        if w is not None and (w.numel() == 0 or type(w).__name__ in ("DTensor", "FlatParameter") or hasattr(w, "ds_id")):
             raise NotImplementedError(
                 f"agl: the weight of {name!r} is sharded (FSDP / ZeRO-3); estimate the alignment state on an unsharded "
                 "model (DDP or a single process)"
             )
-        accs[name] = _Accumulator(tuple(w.shape), device, subspaces, cdtype)
+        accs[name] = _Accumulator(shape, device, subspaces, cdtype)
 
     def fwd_hook(acc: _Accumulator, fifo: bool, module, inputs, output):
         X = inputs[0].detach()
@@ -311,13 +331,17 @@ def estimate_alignment_state(
     def bwd_hook(acc: _Accumulator, fifo: bool, X: Tensor, grad: Tensor):
         acc.add_from_activations(grad.detach(), X, fifo, chunk_elems)
 
-    handles = [mod.register_forward_hook(functools.partial(fwd_hook, accs[name], fifo)) for name, (mod, fifo) in targets.items()]
+    handles = [mod.register_forward_hook(functools.partial(fwd_hook, accs[name], fifo)) for name, (mod, fifo, _) in targets.items()]
     count = 0
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_samples, desc="agl fisher", unit="sample")
+        total = max_samples
+        if isinstance(batches, (list, tuple)):
+            n_all = sum(int(b["input_ids"].shape[0]) for b in batches if "input_ids" in b)
+            total = n_all if max_samples is None else min(n_all, max_samples)
+        bar = tqdm(total=total, desc="agl fisher", unit="sample")
     try:
         with _Frozen(net), torch.enable_grad():
             for sub, ids, n_batch in _iter_samples(batches, max_samples, split_rank, split_world):
@@ -375,25 +399,25 @@ def estimate_alignment_state_loop(
     targets = resolve_targets(net, modules)
     device = _model_device(net)
     cdtype = _compute_dtype(net)
-    accs = {name: _Accumulator(tuple(mod.weight.shape), device, subspaces, cdtype) for name, (mod, _) in targets.items()}
+    accs = {name: _Accumulator(tuple(mod.weight.shape), device, subspaces, cdtype) for name, (mod, _, _) in targets.items()}
     count = 0
     with _Frozen(net), torch.enable_grad():
-        for mod, _ in targets.values():
+        for mod, _, _ in targets.values():
             mod.weight.requires_grad_(True)
         for sub, ids, _ in _iter_samples(batches, max_samples, 0, 1):
             for row in range(len(ids)):
                 one = {k: (v[row : row + 1] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in sub.items()}
-                for mod, _ in targets.values():
+                for mod, _, _ in targets.values():
                     mod.weight.grad = None
                 logits = _forward_logits(net, one, device)
                 loss = per_sample_losses(logits, _labels_of(one).to(device)).sum()
                 loss.backward()
-                for name, (mod, _) in targets.items():
+                for name, (mod, _, _) in targets.items():
                     g = mod.weight.grad
                     g = torch.zeros_like(mod.weight) if g is None else g
                     accs[name].add(g.to(cdtype).unsqueeze(0))
                 count += 1
-        for mod, _ in targets.values():
+        for mod, _, _ in targets.values():
             mod.weight.grad = None
     options = {"fisher": "empirical", "energy": float(energy), "max_rank": int(max_rank), "max_samples": max_samples,
                "modules": list(targets), "subspaces": bool(subspaces), "method": "loop"}

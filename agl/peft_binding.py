@@ -44,10 +44,14 @@ class LoraBinding:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel wrappers (their ``.module``), so layer names match the state's."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """Strip DistributedDataParallel / DataParallel / ``torch.compile`` wrappers, so layer names match the state's."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _lora_layer_class():
@@ -157,7 +161,7 @@ def named_lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None) -> Dict[str, tuple]:
-    """Name -> (module to hook, fan_in_fan_out) for Fisher estimation.
+    """Name -> (module to hook, fan_in_fan_out, weight shape as stored) for Fisher estimation.
 
     Default: the base layer of every peft LoRA layer (named by the LoRA layer). Explicit ``modules`` may name LoRA
     layers (their base layer is hooked) or plain ``nn.Linear`` modules.
@@ -170,17 +174,17 @@ def resolve_targets(model: nn.Module, modules: Optional[Iterable[str]] = None) -
                 f"agl: no peft LoRA layers found in {type(model).__name__}; wrap it with peft or pass `modules=[...]` "
                 "naming nn.Linear layers"
             )
-        return {n: (m.get_base_layer(), bool(getattr(m, "fan_in_fan_out", False))) for n, m in lora.items()}
+        return {n: (m.get_base_layer(), bool(getattr(m, "fan_in_fan_out", False)), base_weight_shape(m)) for n, m in lora.items()}
     all_mods = dict(model.named_modules())
     out, bad = {}, []
     for n in modules:
         mod = all_mods.get(n)
         if n in lora:
-            out[n] = (lora[n].get_base_layer(), bool(getattr(lora[n], "fan_in_fan_out", False)))
+            out[n] = (lora[n].get_base_layer(), bool(getattr(lora[n], "fan_in_fan_out", False)), base_weight_shape(lora[n]))
         elif isinstance(mod, nn.Linear):
-            out[n] = (mod, False)
+            out[n] = (mod, False, (mod.out_features, mod.in_features))
         elif mod is not None and type(mod).__name__ == "Conv1D":
-            out[n] = (mod, True)
+            out[n] = (mod, True, tuple(mod.weight.shape))
         else:
             bad.append(n if mod is None else f"{n} ({type(mod).__name__})")
     if bad:

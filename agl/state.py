@@ -3,7 +3,7 @@
 File format (``FORMAT_VERSION`` 1): one ``.safetensors`` file. Tensors are named ``"<layer>/fisher"`` (m x n),
 ``"<layer>/U"`` (m x k) and ``"<layer>/V"`` (n x k'); the safetensors ``__metadata__`` holds one key, ``"agl"``, a JSON
 object ``{"format": "agl.alignment_state", "version": 1, "layers": {name: {"shape": [m, n], "rank_U": k|null,
-"rank_V": k'|null}}, "num_samples": N, "fisher_scale": s, "fisher_dtype": "float32"|"bfloat16", "options": {...}}``.
+"rank_V": k'|null}}, "names": [layer order], "num_samples": N, "fisher_scale": s, "fisher_dtype": "float32"|"bfloat16", "options": {...}}``.
 ``m x n`` is the base weight's shape as stored (``(out, in)`` for ``nn.Linear``, ``(in, out)`` for ``fan_in_fan_out``).
 Loading never unpickles (safetensors only); saving is atomic (temporary file in the same folder, then ``os.replace``).
 """
@@ -95,6 +95,7 @@ class AlignmentState:
             "format": _FORMAT,
             "version": FORMAT_VERSION,
             "layers": layers_meta,
+            "names": list(self.layers),
             "num_samples": int(self.num_samples),
             "fisher_scale": float(self.fisher_scale),
             "fisher_dtype": str(fisher_dtype).replace("torch.", ""),
@@ -139,7 +140,8 @@ class AlignmentState:
                 )
             keys = set(f.keys())
             layers = {}
-            for name, lm in meta["layers"].items():
+            for name in meta.get("names", list(meta["layers"])):
+                lm = meta["layers"][name]
                 fisher = f.get_tensor(f"{name}/fisher")
                 if list(fisher.shape) != list(lm["shape"]):
                     raise ValueError(f"agl: {target!r} is corrupt: {name}/fisher has shape {tuple(fisher.shape)}, header says {lm['shape']}")

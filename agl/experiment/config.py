@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = [
-    "ALL_METHODS", "ExperimentConfig", "demo_config", "load_config", "stable_hash", "method_settings",
+    "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "demo_config", "load_config", "stable_hash", "method_settings",
 ]
 
 # the methods, in report order
@@ -77,7 +77,7 @@ class ExperimentConfig:
     log_every: int = 5  # alignment loss on the held-out refusal demos every K steps
     # AGL (agl.loss.AGLConfig); the ablations are derived from these in method_settings()
     lambda_align: float = 1e5
-    lambda_task: float = 0.0
+    lambda_task: float = 1e3
     lambda_collision: float = 1.0
     alpha: float = 0.5
     beta: float = 4.0
@@ -152,6 +152,9 @@ STAGE_FIELDS = {
     "evaluate": ["eval_split", "eval_n_unsafe", "eval_n_safe", "eval_max_new_tokens", "task_max_new_tokens"],
 }
 
+# bump when generation changes in a way that invalidates evaluation artefacts (2: stop at the chat end-of-turn token)
+EVAL_VERSION = 2
+
 
 def method_settings(cfg: ExperimentConfig, method: str, *, lam: Optional[float] = None) -> Dict[str, Any]:
     """The regulariser settings of one method. ``lam`` overrides the method's main λ (λ_A for AGL, λ for EWC)."""
@@ -217,14 +220,15 @@ def demo_config(**overrides) -> ExperimentConfig:
         out="runs/demo",
         seeds=[0],
         methods=["lora", "agl"],
-        steps=60,
-        log_every=5,
-        fisher_samples=64,
+        steps=30,
+        log_every=3,
+        fisher_samples=48,
         task_test=300,
         task_dev=100,
-        eval_n_unsafe=96,
-        eval_n_safe=48,
-        eval_max_new_tokens=40,
+        task_max_new_tokens=8,
+        eval_n_unsafe=48,
+        eval_n_safe=24,
+        eval_max_new_tokens=32,
         n_boot=500,
     )
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,141 @@
+"""``agl experiment``: the full pipeline (config file and/or flags), cached and resumable."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+__all__ = ["register", "add_common_options", "config_from_args", "print_summary"]
+
+
+def _csv(kind):
+    def parse(text):
+        try:
+            return [kind(x) for x in text.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+
+    return parse
+
+
+def _set_value(text):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        v = json.loads(v)
+    except ValueError:
+        pass  # a bare string
+    return k.strip().replace("-", "_"), v
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML config file (keys = ExperimentConfig fields; "
+                   "TOML may put them under [experiment]); flags override it")
+    p.add_argument("--out", metavar="DIR", help="output directory (artefacts, caches, report)")
+    p.add_argument("--model", metavar="SPEC", help="model: 'smollm2-135m-instruct' (offline default), a local HF "
+                   "directory or a .gguf file")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where to train and generate (cuda: same run, fast)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+    p.add_argument("--seeds", type=_csv(int), metavar="S,S,...", help="fine-tune seeds")
+    p.add_argument("--methods", type=_csv(str), metavar="M,M,...",
+                   help="methods: lora, agl, no_fisher, no_task, no_collision, overlap_only, geodesic_only, ewc")
+    p.add_argument("--steps", type=int, metavar="N", help="fine-tune steps per run")
+    p.add_argument("--lr", type=float, help="fine-tune learning rate")
+    p.add_argument("--lambda-align", type=float, dest="lambda_align", help="AGL λ_A")
+    p.add_argument("--ewc-lambda", type=float, dest="ewc_lambda", help="EWC baseline λ")
+    p.add_argument("--sweep-agl", type=_csv(float), dest="sweep_agl", metavar="L,L,...",
+                   help="λ_A values for the EWC-vs-AGL frontier (calibration ΔL_align vs task dev EM)")
+    p.add_argument("--sweep-ewc", type=_csv(float), dest="sweep_ewc", metavar="L,L,...", help="EWC λ values")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--set", type=_set_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config field (JSON value), e.g. --set eval_n_unsafe=64; repeatable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+_FLAG_FIELDS = ("out", "model", "device", "dtype", "seeds", "methods", "steps", "lr", "lambda_align", "ewc_lambda",
+                "sweep_agl", "sweep_ewc", "threads")
+
+
+def config_from_args(args, base=None):
+    from agl.cli import CLIError
+    from agl.experiment.config import load_config
+
+    overrides = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
+    overrides.update(dict(args.set))
+    try:
+        return load_config(args.config, overrides, base=base)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        raise CLIError(str(exc).splitlines()[0]) from None
+
+
+def print_summary(result: dict, file=sys.stdout) -> None:
+    from agl.experiment.report import markdown_table
+
+    rep = result["report"]
+    a = rep["aligned_start"]
+
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}%"
+
+    print("", file=file)
+    print(f"Aligned start: RR_unsafe {pct(a['rr_unsafe'])}, over-refusal {pct(a['over_refusal'])}, "
+          f"task EM {pct(a['task_em'])}", file=file)
+    print(markdown_table(rep), file=file)
+    for k, v in rep.get("goals", {}).items():
+        print(f"  goal {k}: {'met' if v else 'NOT met'}", file=file)
+    built = [n for n, s in result["stages"].items() if s["built"]]
+    print(f"\n{len(built)} stage(s) built, {len(result['stages']) - len(built)} cached; "
+          f"total {result['seconds'] / 60:.1f} min. Report: {os.path.join(result['out'], 'report')}/", file=file)
+
+
+def _user_errors() -> tuple:
+    """Errors caused by the input (a missing file, a model or prompt set that cannot be loaded): one line, no
+    traceback. Anything else is a bug and keeps its traceback."""
+    errs = [FileNotFoundError, PermissionError]
+    try:
+        from agl.models import ModelLoadError
+
+        errs.append(ModelLoadError)
+    except ImportError:
+        pass
+    try:
+        from agl.driftcaps.prompts import PromptFormatError
+
+        errs.append(PromptFormatError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _run(args) -> int:
+    from agl.cli import CLIError
+    from agl.experiment.pipeline import run_pipeline
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cfg = config_from_args(args)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError("--device cuda: no CUDA GPU is visible to torch")
+    try:
+        result = run_pipeline(cfg, progress=not args.no_progress)
+    except _user_errors() as exc:
+        raise CLIError(str(exc).splitlines()[0]) from None
+    print_summary(result)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "experiment", help="the full AGL experiment: aligned start, fine-tunes, ablations, EWC, law fits, report",
+        description="Runs (or resumes) the whole pipeline: aligned start -> alignment state -> task fine-tunes for "
+                    "every method and seed -> DriftCaps and task evaluation -> forgetting-law fits -> report "
+                    "(JSON, Markdown, PNG) under --out. Every stage is cached by config hash; re-run the same "
+                    "command after an interruption to continue.")
+    add_common_options(p)
+    p.set_defaults(func=_run)

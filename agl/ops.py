@@ -1,0 +1,130 @@
+"""The fused AGL custom ops (``torch.ops.agl.terms_fwd`` / ``terms_bwd``), their fakes and their autograd.
+
+The C++ extension (``agl._C``, loaded through ``agl._load``) defines
+
+    agl::terms_fwd(B, A, B_align?, A_align?, fisher?, task_metric?, align_mask?, scale, beta, tau, sharpness)
+        -> sums (5,)  = [sum G*D_A^2, sum H*D_T^2, sum eta*|D_A|*|D_T|, sum G*D_A*D_T, sum G*D_T^2]
+    agl::terms_bwd(grad_sums, <same inputs>) -> (grad_B, grad_A, grad_B_align, grad_A_align)
+
+in the accumulation dtype (float64 for float64 factors, float32 otherwise). :func:`agl_terms_kernel` turns the five
+sums into the four AGL terms with ordinary torch ops, so autograd hands ``terms_bwd`` the gradient of the loss
+w.r.t. each sum. ``fisher``, ``task_metric`` and ``align_mask`` are not differentiated.
+Shapes: B (m, r), A (r, n), B_align (m, r'), A_align (r', n); fisher, task_metric, align_mask (m, n).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from agl import _load
+from agl._checks import check_inputs
+from agl.reference import AGLTerms
+
+__all__ = ["available", "supports_device", "with_cuda", "agl_terms_kernel", "SUM_NAMES"]
+
+SUM_NAMES = ("align", "task", "overlap", "cross", "task_fisher")
+_EXT = _load.extension()
+
+
+def available() -> bool:
+    """True when the compiled extension is loaded (``agl._load.load_error()`` says why when not)."""
+    return _EXT is not None
+
+
+def with_cuda() -> bool:
+    """True when the loaded extension was compiled with its CUDA kernels."""
+    return _EXT is not None and bool(_EXT.with_cuda())
+
+
+def supports_device(device) -> bool:
+    """True when the fused op has kernels for ``device`` (a torch.device or its string)."""
+    if _EXT is None:
+        return False
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        return with_cuda()
+    return False
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _EXT is not None:
+
+    def _fake_check(B, A, B_align, A_align, fisher, task_metric, align_mask, scalars):
+        # The fakes also run for meta tensors, and for calls mixing a meta tensor with real ones (the dispatcher then
+        # picks the Meta kernel): validate like the real kernels so such calls fail clearly instead of returning
+        # uninitialised memory.
+        scalars = [float(v) if isinstance(v, (int, float)) else 1.0 for v in scalars]  # SymFloats: not checked here
+        check_inputs(B, A, B_align, A_align, fisher, task_metric, align_mask, *scalars, 0.0)
+
+    @torch.library.register_fake("agl::terms_fwd")
+    def _terms_fwd_fake(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness):
+        _fake_check(B, A, B_align, A_align, fisher, task_metric, align_mask, (scale, beta, tau, sharpness))
+        return B.new_empty((5,), dtype=_acc_dtype(B.dtype))
+
+    @torch.library.register_fake("agl::terms_bwd")
+    def _terms_bwd_fake(grad_sums, B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau,
+                        sharpness):
+        _fake_check(B, A, B_align, A_align, fisher, task_metric, align_mask, (scale, beta, tau, sharpness))
+        if grad_sums.dim() != 1 or grad_sums.shape[0] != 5 or grad_sums.device != B.device:
+            raise ValueError(f"agl: `grad_sums` must have shape (5,) on {B.device}, got {tuple(grad_sums.shape)} "
+                             f"on {grad_sums.device}")
+        m, r = B.shape
+        n = A.shape[1]
+        ra = B_align.shape[1] if B_align is not None else 0
+        return (B.new_empty((m, r)), B.new_empty((r, n)), B.new_empty((m, ra)), B.new_empty((ra, n)))
+
+    def _setup_context(ctx, inputs, output):
+        B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness = inputs
+        ctx.save_for_backward(B, A, B_align, A_align, fisher, task_metric, align_mask)
+        ctx.scalars = (scale, beta, tau, sharpness)
+
+    def _backward(ctx, grad_sums):
+        B, A, B_align, A_align, fisher, task_metric, align_mask = ctx.saved_tensors
+        gB, gA, gBa, gAa = torch.ops.agl.terms_bwd(
+            grad_sums, B, A, B_align, A_align, fisher, task_metric, align_mask, *ctx.scalars
+        )
+        need = ctx.needs_input_grad
+        return (
+            gB if need[0] else None,
+            gA if need[1] else None,
+            gBa if (B_align is not None and need[2]) else None,
+            gAa if (A_align is not None and need[3]) else None,
+            None, None, None, None, None, None, None,
+        )
+
+    torch.library.register_autograd("agl::terms_fwd", _backward, setup_context=_setup_context)
+
+
+def agl_terms_kernel(
+    B: Tensor,
+    A: Tensor,
+    B_align: Optional[Tensor] = None,
+    A_align: Optional[Tensor] = None,
+    *,
+    fisher: Optional[Tensor] = None,
+    task_metric: Optional[Tensor] = None,
+    align_mask: Optional[Tensor] = None,
+    scale: float = 1.0,
+    beta: float = 4.0,
+    tau: float = 0.01,
+    sharpness: float = 100.0,
+    eps: float = 1e-12,
+) -> AGLTerms:
+    """The four AGL terms from the fused op (see :func:`agl.functional.agl_terms`); 16-bit factors give float32."""
+    if _EXT is None:
+        raise RuntimeError(f"agl: the fused kernel is unavailable: {_load.load_error()}")
+    S = torch.ops.agl.terms_fwd(B, A, B_align, A_align, fisher, task_metric, align_mask,
+                                float(scale), float(beta), float(tau), float(sharpness))
+    N = B.shape[0] * A.shape[1]
+    align = S[0] / N
+    task = S[1] / N
+    overlap = S[2] / N
+    geodesic = S[3] ** 2 / (S[0] * S[4] + eps)
+    return AGLTerms(align, task, overlap, geodesic)

@@ -1,0 +1,142 @@
+"""AGLLoss overhead on one training step of a SmolLM2-135M-shaped Llama built from its config (hidden 576,
+intermediate 1536, 30 layers, 9 heads, 3 kv heads, vocab 49152; random weights, nothing downloaded), LoRA r=8 on
+q/k/v/o: plain LoRA vs + AGLLoss (torch backend) vs + AGLLoss (kernel backend, skipped when not built).
+Target: <= 10 % overhead with the kernel on CPU.
+
+    python bench/bench_loss.py [--batch 2 --seq 128 --steps 3 --layers 30]
+
+A step is forward, loss, backward and an AdamW step. Also times the regulariser alone (forward + backward).
+Prints a table and writes bench/results/bench_loss.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+
+def build(layers: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                      rope_theta=100000.0)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for n, p in model.named_parameters():  # a "trained" adapter, so every term is live
+        if "lora_B" in n:
+            p.data.normal_(0, 1e-3)
+    return model
+
+
+def synthetic_state(model, seed: int = 0):
+    """A state with the real shapes (Fisher mean 1, rank-16 U and V): the overhead does not depend on its values."""
+    from agl.fisher import AlignmentState, LayerState
+    from agl.peft_binding import find_lora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for b in find_lora_layers(model):
+        m, n = b.shape
+        F = torch.rand(m, n, generator=g) * 2
+        U = torch.linalg.qr(torch.randn(m, 16, generator=g))[0]
+        V = torch.linalg.qr(torch.randn(n, 16, generator=g))[0]
+        layers[b.name] = LayerState(F, U, V)
+    return AlignmentState(layers, 1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_loss.json"))
+    args = ap.parse_args(argv)
+
+    from agl.loss import AGLConfig, AGLLoss, resolve_backend
+
+    model = build(args.layers)
+    state = synthetic_state(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    have_kernel = resolve_backend("auto", torch.device("cpu")) == "kernel"
+    configs = {"plain LoRA": None, "+AGLLoss torch": "torch"}
+    if have_kernel:
+        configs["+AGLLoss kernel"] = "kernel"
+    losses = {name: (AGLLoss(model, state, AGLConfig(backend=be)) if be else None) for name, be in configs.items()}
+
+    def step(L):
+        loss = model(**batch).loss
+        if L is not None:
+            loss = L(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def reg_only(L):
+        L.regularizer().backward()
+        opt.zero_grad(set_to_none=True)
+
+    times = {name: [] for name in configs}
+    cpu = {name: [] for name in configs}
+    reg_times = {name: [] for name in configs if configs[name]}
+    for name, L in losses.items():
+        step(L)  # warm-up
+        if L is not None:
+            reg_only(L)
+    for _ in range(args.steps):  # interleave configurations so machine-load drift hits all alike
+        for name, L in losses.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(L)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+            if L is not None:
+                t0 = time.perf_counter()
+                reg_only(L)
+                reg_times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["plain LoRA"])
+    base_cpu = statistics.median(cpu["plain LoRA"])
+    rows = {}
+    for name in configs:
+        med = statistics.median(times[name])
+        mc = statistics.median(cpu[name])
+        rows[name] = {"median_step_s": med, "step_times_s": times[name], "overhead_pct": 100 * (med - base) / base,
+                      "median_step_cpu_s": mc, "overhead_cpu_pct": 100 * (mc - base_cpu) / base_cpu}
+        if name in reg_times:
+            rows[name]["regularizer_fwd_bwd_s"] = statistics.median(reg_times[name])
+            rows[name]["regularizer_overhead_pct"] = 100 * rows[name]["regularizer_fwd_bwd_s"] / base
+    n_layers = len(losses["+AGLLoss torch"].entries)
+    print(f"One training step, SmolLM2-135M-shaped Llama ({args.layers} layers, {n_layers} LoRA layers r=8), batch "
+          f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} CPU threads")
+    print(f"{'configuration':<18}{'step s':>10}{'overhead':>10}{'CPU s':>9}{'CPU ovh':>9}{'reg fwd+bwd s':>15}{'reg / step':>12}")
+    for name, r in rows.items():
+        rs = r.get("regularizer_fwd_bwd_s")
+        print(f"{name:<18}{r['median_step_s']:>10.3f}{r['overhead_pct']:>9.1f}%{r['median_step_cpu_s']:>9.2f}{r['overhead_cpu_pct']:>8.1f}%"
+              + (f"{rs:>15.3f}{r['regularizer_overhead_pct']:>11.1f}%" if rs is not None else ""))
+    if not have_kernel:
+        print("(kernel backend skipped: agl's compiled extension is not built)")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"bench": "agl_loss_overhead", "config": vars(args), "results": rows, "kernel": have_kernel,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "machine": platform.processor() or platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                  f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""The fused op (torch.ops.agl.terms_fwd / terms_bwd through agl.functional.agl_terms) against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agl import ops, reference
+from agl.functional import agl_terms
+
+pytestmark = pytest.mark.skipif(not ops.available(), reason="agl's C++ extension is not built")
+
+# (m, n, r, r') — deliberately odd: 1x1, tails of the 16-wide lanes, r = 1, r = 64, r' != r, more rows than chunks.
+SHAPES = [(1, 1, 1, 1), (7, 129, 3, 2), (129, 7, 1, 5), (33, 70, 64, 4), (300, 40, 8, 16)]
+# Which optional inputs are present.
+OPTIONS = ["plain", "fisher", "task", "fisher+task", "mask", "mask+fisher+task", "no_align"]
+LOW = [torch.float16, torch.bfloat16]
+
+
+def make(m, n, r, ra, dtype=torch.float64, option="fisher+task", seed=0, mdtype=None, scale=0.7):
+    """Inputs whose D entries straddle tau = 0.01 (so eta's sigmoid is neither flat 0 nor flat 1)."""
+    g = torch.Generator().manual_seed(seed)
+    c = 0.35 / max(r, 1) ** 0.25
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * c).to(dtype)
+
+    mdtype = mdtype or dtype
+    x = dict(B=rnd(m, r), A=rnd(r, n), B_align=None, A_align=None, kw=dict(scale=scale))
+    if "mask" not in option and option != "no_align":
+        x["B_align"], x["A_align"] = rnd(m, ra), rnd(ra, n)
+    if "fisher" in option:
+        x["kw"]["fisher"] = (torch.rand(m, n, generator=g, dtype=torch.float64) * 2).to(mdtype)
+    if "task" in option:
+        x["kw"]["task_metric"] = (torch.rand(m, n, generator=g, dtype=torch.float64) * 2).to(mdtype)
+    if "mask" in option:
+        x["kw"]["align_mask"] = torch.rand(m, n, generator=g, dtype=torch.float64).to(mdtype)
+    return x
+
+
+def factors(x):
+    return [t for t in (x["B"], x["A"], x["B_align"], x["A_align"]) if t is not None]
+
+
+def run(x, backend, weights=None, dtype=None):
+    """Terms and the grads of sum_k w_k * term_k (random w: the loss is not the last op) w.r.t. the factors."""
+    args = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
+            for t in (x["B"], x["A"], x["B_align"], x["A_align"])]
+    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and dtype is not None else v) for k, v in x["kw"].items()}
+    if backend == "torch":
+        terms = reference.agl_terms(*args, **kw)
+    else:
+        terms = agl_terms(*args, backend="kernel", **kw)
+    if weights is None:
+        weights = torch.rand(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3 + 0.5
+    loss = sum(w * t for w, t in zip(weights.tolist(), terms))
+    grads = torch.autograd.grad(loss, [a for a in args if a is not None])
+    return [t.detach() for t in terms], list(grads)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("option", OPTIONS)
+def test_matches_reference_float64(shape, option):
+    x = make(*shape, option=option)
+    kt, kg = run(x, "kernel")
+    rt, rg = run(x, "torch")
+    for k, r in zip(kt, rt):
+        assert k.dtype == torch.float64
+        torch.testing.assert_close(k, r, rtol=1e-10, atol=1e-14)
+    for k, r in zip(kg, rg):
+        assert k.shape == r.shape and k.dtype == r.dtype
+        torch.testing.assert_close(k, r, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("option", ["fisher+task", "mask+fisher+task", "no_align", "plain"])
+def test_gradcheck_float64(option):
+    x = make(5, 6, 2, 3, option=option, scale=1.3)
+    kw = x["kw"]
+    fs = [t.clone().requires_grad_() for t in factors(x)]
+
+    def f(*fs):
+        args = list(fs) + [None] * (4 - len(fs))
+        return tuple(agl_terms(*args, backend="kernel", tau=0.05, sharpness=20.0, **kw))
+
+    assert torch.autograd.gradcheck(f, fs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7, 129, 3, 2), (129, 7, 16, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("option", ["fisher+task", "mask+fisher+task", "no_align"])
+@pytest.mark.parametrize("scale", [0.7, 60.0])  # 60: eta's sigmoid saturates (exp arguments far beyond +-88)
+def test_float32_tight(shape, option, scale):
+    x = make(*shape, option=option, scale=scale)
+    rt, rg = run(x, "torch")  # float64 oracle
+    kt, kg = run(x, "kernel", dtype=torch.float32)
+    for k, r in zip(kt, rt):
+        assert k.dtype == torch.float32
+        torch.testing.assert_close(k.double(), r, rtol=2e-5, atol=1e-9)
+    for k, r in zip(kg, rg):
+        assert k.dtype == torch.float32
+        torch.testing.assert_close(k.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item() + 1e-12)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("option,mdtype", [("fisher+task", None), ("mask+fisher+task", None),
+                                           ("fisher+task", torch.float32), ("mask", torch.bfloat16)])
+def test_low_precision_rule(dtype, option, mdtype):
+    """Kernel error vs a float64 reference <= 2x the reference's own error in that dtype (+ a tiny floor)."""
+    x = make(64, 96, 8, 6, option=option)
+    # Quantise the inputs once; the oracle is float64 arithmetic on exactly those inputs.
+    q = dict(x, kw={k: (v.to(mdtype or dtype) if isinstance(v, torch.Tensor) else v) for k, v in x["kw"].items()})
+    for k in ("B", "A", "B_align", "A_align"):
+        q[k] = None if x[k] is None else x[k].to(dtype)
+    rt, rg = run(q, "torch", dtype=torch.float64)
+    lt, lg = run(q, "torch")  # the reference computed in the low dtype
+    kt, kg = run(q, "kernel")
+    for k, l, r in zip(kt, lt, rt):
+        assert k.dtype == torch.float32  # 16-bit factors give float32 terms
+        assert _err(k, r) <= 2 * _err(l, r) + 1e-6 * r.abs().item() + 1e-12
+    for k, l, r in zip(kg, lg, rg):
+        assert k.dtype == dtype
+        assert _err(k, r) <= 2 * _err(l, r) + 1e-6 * r.abs().max().item()
+
+
+def test_non_contiguous_inputs_bitwise_equal_to_contiguous():
+    x = make(40, 50, 4, 3, option="fisher+task")
+    c = run(x, "kernel")
+    g = torch.Generator().manual_seed(3)
+    y = dict(x)
+    y["B"] = x["B"].t().contiguous().t()  # transposed view
+    wide = torch.randn(4, 100, generator=g, dtype=torch.float64)
+    wide[:, ::2] = x["A"]
+    y["A"] = wide[:, ::2]  # strided slice
+    y["B_align"] = torch.cat([x["B_align"], x["B_align"]], 1)[:, :3]
+    y["kw"] = dict(x["kw"], fisher=x["kw"]["fisher"].t().contiguous().t(),
+                   task_metric=torch.stack([x["kw"]["task_metric"]] * 2, -1)[..., 1])
+    assert not y["B"].is_contiguous() and not y["A"].is_contiguous() and not y["kw"]["fisher"].is_contiguous()
+    nc = run(y, "kernel")
+    for a, b in zip(c[0] + c[1], nc[0] + nc[1]):
+        assert torch.equal(a, b)
+
+
+def test_not_last_op_scales_grads():
+    x = make(9, 17, 3, 2)
+    w = torch.rand(4, dtype=torch.float64) * 5 - 2.5
+    _, kg = run(x, "kernel", weights=w)
+    _, rg = run(x, "torch", weights=w)
+    _, kg1 = run(x, "kernel", weights=torch.ones(4, dtype=torch.float64))
+    for k, r, k1 in zip(kg, rg, kg1):
+        torch.testing.assert_close(k, r, rtol=1e-9, atol=1e-13)
+        assert not torch.allclose(k, k1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic_across_runs_and_threads(dtype):
+    x = make(300, 130, 8, 5, option="fisher+task")
+    nt = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = run(x, "kernel", dtype=dtype)
+        b = run(x, "kernel", dtype=dtype)
+        torch.set_num_threads(1)
+        c = run(x, "kernel", dtype=dtype)
+    finally:
+        torch.set_num_threads(nt)
+    for u, v, w in zip(a[0] + a[1], b[0] + b[1], c[0] + c[1]):
+        assert torch.equal(u, v) and torch.equal(u, w)
+
+
+def test_geodesic_needs_the_fisher_metric():
+    """D_A = P D with P an orthogonal projector: Euclidean geodesic is 0 (and flat); a non-uniform Fisher is not."""
+    m, n, r = 12, 10, 3
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(m, r, generator=g, dtype=torch.float64)
+    A = torch.randn(r, n, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(m, 4, generator=g, dtype=torch.float64))
+    Ba, Aa = Q @ (Q.T @ B), A.clone()
+    fisher = torch.rand(m, n, generator=g, dtype=torch.float64) * 4 + 0.1
+    for F, zero in ((None, True), (torch.ones(m, n, dtype=torch.float64), True), (fisher, False)):
+        res = []
+        for backend in ("kernel", "torch"):
+            Bg = B.clone().requires_grad_()
+            geo = agl_terms(Bg, A, Ba, Aa, fisher=F, backend=backend).geodesic
+            (grad,) = torch.autograd.grad(geo, Bg)
+            res.append((geo.detach(), grad))
+        (kg, kgrad), (rg, rgrad) = res
+        torch.testing.assert_close(kgrad, rgrad, rtol=1e-8, atol=1e-12)
+        if zero:
+            assert kg.abs().item() < 1e-20 and kgrad.abs().max().item() < 1e-9
+        else:
+            torch.testing.assert_close(kg, rg)
+            assert kg.item() > 1e-6 and kgrad.abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("where", ["B", "A_align", "fisher", "task_metric"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_nan_inf_propagate(where, bad, dtype):
+    x = make(6, 20, 3, 2, dtype=dtype, option="fisher+task")
+    if where in ("fisher", "task_metric"):
+        x["kw"][where] = x["kw"][where].clone()
+        x["kw"][where][2, 3] = bad
+    else:
+        x[where] = x[where].clone()
+        x[where][1, 1] = bad
+    kt, kg = run(x, "kernel")
+    rt, rg = run(x, "torch")
+    for k, r in zip(kt, rt):
+        assert torch.isnan(k).item() == torch.isnan(r).item() and torch.isinf(k).item() == torch.isinf(r).item()
+    assert any(not torch.isfinite(k).item() for k in kt)
+    assert any(not torch.isfinite(g).all().item() for g in kg)
+
+
+@pytest.mark.parametrize("option", ["no_align", "fisher+task"])
+def test_rank_zero(option):
+    x = make(5, 7, 0, 0, option=option)
+    kt, kg = run(x, "kernel")
+    rt, rg = run(x, "torch")
+    for k, r in zip(kt, rt):
+        torch.testing.assert_close(k, r, rtol=1e-12, atol=0)
+        assert k.item() == 0
+    for k, r in zip(kg, rg):
+        assert k.shape == r.shape and k.numel() == 0
+
+
+def test_rank_zero_with_align_factors():
+    x = make(5, 7, 0, 2, option="fisher")
+    kt, kg = run(x, "kernel")
+    rt, rg = run(x, "torch")
+    for k, r in zip(kt + kg, rt + rg):
+        torch.testing.assert_close(k, r, rtol=1e-10, atol=1e-14)
+    assert kt[1].item() > 0  # task = mean(H D_A^2) with D = 0
+
+
+def _opcheck_samples():
+    out = []
+    for i, (shape, option) in enumerate([((5, 7, 2, 3), "fisher+task"), ((4, 9, 3, 1), "mask"),
+                                         ((3, 4, 1, 1), "no_align"), ((6, 5, 2, 2), "plain")]):
+        dtype = torch.float32 if i % 2 else torch.float64
+        x = make(*shape, dtype=dtype, option=option, seed=i)
+        kw = x["kw"]
+        args = [x["B"], x["A"], x["B_align"], x["A_align"], kw.get("fisher"), kw.get("task_metric"),
+                kw.get("align_mask"), float(kw["scale"]), 4.0, 0.01, 100.0]
+        out.append((args, i % 2 == 0))
+    return out
+
+
+@pytest.mark.parametrize("sample", range(4))
+def test_opcheck(sample):
+    args, grad = _opcheck_samples()[sample]
+    if grad:
+        args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and i < 4 else a for i, a in enumerate(args)]
+    torch.library.opcheck(torch.ops.agl.terms_fwd.default, args)
+    gs = torch.rand(5, dtype=torch.float64 if args[0].dtype == torch.float64 else torch.float32)
+    torch.library.opcheck(torch.ops.agl.terms_bwd.default, [gs] + [a.detach() if isinstance(a, torch.Tensor)
+                                                                     else a for a in args])
+
+
+def test_torch_compile_fullgraph_cpu():
+    x = make(24, 40, 4, 3, dtype=torch.float32, option="fisher+task")
+
+    def loss(B, A, Ba, Aa, F, H):
+        t = agl_terms(B, A, Ba, Aa, fisher=F, task_metric=H, backend="kernel", scale=0.7)
+        return t.align + 2 * t.task + 0.5 * t.overlap + t.geodesic
+
+    torch._dynamo.reset()
+    cl = torch.compile(loss, fullgraph=True)  # inductor: the default backend
+    ins = [x["B"], x["A"], x["B_align"], x["A_align"]]
+    res = []
+    for fn in (loss, cl):
+        fs = [t.clone().requires_grad_() for t in ins]
+        v = fn(*fs, x["kw"]["fisher"], x["kw"]["task_metric"])
+        res.append([v.detach()] + list(torch.autograd.grad(v, fs)))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ---- bad inputs: clear errors naming the argument, through the API and through the raw ops ----
+def _bad_cases():
+    B, A = torch.randn(4, 2), torch.randn(2, 5)
+    Ba, Aa = torch.randn(4, 3), torch.randn(3, 5)
+    F = torch.rand(4, 5)
+    return {
+        "A_shape": (dict(B=B, A=torch.randn(3, 5)), "A"),
+        "B_3d": (dict(B=B[None], A=A), "B"),
+        "int_dtype": (dict(B=B, A=A.int()), "A"),
+        "complex_dtype": (dict(B=B.to(torch.complex64), A=A), "B"),
+        "dtype_mismatch": (dict(B=B, A=A.double()), "A"),
+        "align_dtype": (dict(B=B, A=A, B_align=Ba.double(), A_align=Aa.double()), "B_align"),
+        "B_align_alone": (dict(B=B, A=A, B_align=Ba), "A_align"),
+        "align_shape": (dict(B=B, A=A, B_align=Ba, A_align=torch.randn(3, 6)), "B_align"),
+        "mask_and_align": (dict(B=B, A=A, B_align=Ba, A_align=Aa, align_mask=F), "align_mask"),
+        "fisher_shape": (dict(B=B, A=A, fisher=torch.rand(5, 4)), "fisher"),
+        "task_dtype": (dict(B=B, A=A, task_metric=F.int()), "task_metric"),
+        "mask_shape": (dict(B=B, A=A, align_mask=torch.rand(4, 6)), "align_mask"),
+        "device": (dict(B=B, A=A, fisher=F.to("meta")), "fisher"),
+        "device_A": (dict(B=B, A=A.to("meta")), "A"),
+        "scale_nan": (dict(B=B, A=A, scale=float("nan")), "scale"),
+        "beta_inf": (dict(B=B, A=A, beta=float("inf")), "beta"),
+        "tau_nan": (dict(B=B, A=A, tau=float("-inf")), "tau"),
+        "sharpness_neg": (dict(B=B, A=A, sharpness=-1.0), "sharpness"),
+    }
+
+
+_ERRORS = (ValueError, TypeError, RuntimeError)
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input_api(case):
+    kw, name = _bad_cases()[case]
+    kw = dict(kw)
+    B, A = kw.pop("B"), kw.pop("A")
+    Ba, Aa = kw.pop("B_align", None), kw.pop("A_align", None)
+    with pytest.raises(_ERRORS, match=f"`{name}`"):
+        agl_terms(B, A, Ba, Aa, backend="kernel", **kw)
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+@pytest.mark.parametrize("op", ["fwd", "bwd"])
+def test_bad_input_raw_ops(case, op):
+    kw, name = _bad_cases()[case]
+    args = [kw["B"], kw["A"], kw.get("B_align"), kw.get("A_align"), kw.get("fisher"), kw.get("task_metric"),
+            kw.get("align_mask"), kw.get("scale", 1.0), kw.get("beta", 4.0), kw.get("tau", 0.01),
+            kw.get("sharpness", 100.0)]
+    with pytest.raises(_ERRORS, match=f"`{name}`"):
+        if op == "fwd":
+            torch.ops.agl.terms_fwd(*args)
+        else:
+            torch.ops.agl.terms_bwd(torch.ones(5), *args)
+
+
+@pytest.mark.parametrize("gs", [torch.ones(4), torch.ones(5, 1), torch.ones(5, dtype=torch.int32)], ids=str)
+def test_bad_grad_sums_raw(gs):
+    with pytest.raises(_ERRORS, match="`grad_sums`"):
+        torch.ops.agl.terms_bwd(gs, torch.randn(4, 2), torch.randn(2, 5), None, None, None, None, None,
+                                1.0, 4.0, 0.01, 100.0)
+
+
+def test_baseline_cpu_copy_matches_reference():
+    """The kernel body is also compiled for baseline x86-64 (used on CPUs without AVX2): force and check it."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, sys
+        sys.path.insert(0, %r)
+        from tests.test_ops import make, run
+        for dtype in (torch.float64, torch.float32):
+            for option in ("fisher+task", "mask+fisher+task", "no_align"):
+                x = make(37, 45, 5, 3, option=option)
+                (kt, kg), (rt, rg) = run(x, "kernel", dtype=dtype), run(x, "torch")
+                tol = dict(rtol=1e-9, atol=1e-13) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+                for k, r in zip(kt + kg, rt + rg):
+                    torch.testing.assert_close(k.double(), r, **tol)
+        print("ok")
+    """ % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, AGL_CPU_BASELINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_supports_device():
+    assert ops.supports_device("cpu") and ops.supports_device(torch.device("cpu"))
+    assert ops.supports_device("cuda") == ops.with_cuda()
+    assert not ops.supports_device("meta")
+
+
+def test_meta_shapes():
+    B, A = torch.empty(6, 3, device="meta"), torch.empty(3, 8, device="meta")
+    Ba, Aa = torch.empty(6, 2, device="meta"), torch.empty(2, 8, device="meta")
+    s = torch.ops.agl.terms_fwd(B, A, Ba, Aa, None, None, None, 1.0, 4.0, 0.01, 100.0)
+    assert s.shape == (5,) and s.dtype == torch.float32
+    outs = torch.ops.agl.terms_bwd(s, B, A, Ba, Aa, None, None, None, 1.0, 4.0, 0.01, 100.0)
+    assert [tuple(o.shape) for o in outs] == [(6, 3), (3, 8), (6, 2), (2, 8)]

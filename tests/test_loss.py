@@ -71,7 +71,7 @@ def test_one_sided_subspaces(trained):
     t = reference.agl_terms(B, A, U @ U.T @ B, A, fisher=st.layers[name].fisher, scale=mod.scaling["default"])
     got = AGLLoss(model, one, AGLConfig(backend="torch", layers=[name]))
     got.regularizer()
-    assert got.last_terms["align"] == pytest.approx(float(t.align), rel=1e-6)
+    assert got.last_terms["align"] == pytest.approx(float(t.align.detach()), rel=1e-6)
 
 
 def test_grads_reach_every_factor_from_zero_init():
@@ -118,7 +118,7 @@ def test_fan_in_fan_out_uses_weight_orientation():
     DW = mod.get_delta_weight("default")  # peft's own ΔW, (in, out)
     t = reference.agl_terms(A.T, B.T, ls.U @ ls.U.T @ A.T, B.T @ ls.V @ ls.V.T, fisher=ls.fisher, scale=mod.scaling["default"])
     torch.testing.assert_close(mod.scaling["default"] * A.T @ B.T, DW)
-    assert L.last_terms["align"] == pytest.approx(float(t.align), rel=1e-6)
+    assert L.last_terms["align"] == pytest.approx(float(t.align.detach()), rel=1e-6)
 
 
 def test_errors(trained, tmp_path):

@@ -51,4 +51,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m agl.cli`: run the imported module's main, so CLIError raised by subcommands (which import
+    # agl.cli) is the class main() catches, not a copy defined in __main__.
+    from agl.cli import main as _main
+
+    sys.exit(_main())

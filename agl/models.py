@@ -94,9 +94,28 @@ def load_causal_lm(spec, *, device: str | torch.device = "cpu", dtype: torch.dty
     except (RuntimeError, AssertionError) as exc:  # e.g. CUDA requested but not available
         raise ModelLoadError(f"cannot move {spec} to {device}: {_first_line(exc)}") from None
     model.eval()
+    stop_at_end_of_turn(model, tokenizer)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     return model, tokenizer
+
+
+def stop_at_end_of_turn(model, tokenizer) -> None:
+    """Make greedy generation stop at the chat end-of-turn token. Some checkpoints (the GGUF of the offline model)
+    load with a generation config whose ``eos_token_id`` is not the template's end of turn, and then the model
+    writes on into invented user/assistant turns, which the refusal judge would read as part of the answer."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return
+    ids = gc.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        if t in vocab:
+            ids.add(int(vocab[t]))
+    gc.eos_token_id = sorted(ids)
 
 
 def apply_adapter(model, adapter_dir, *, merge: bool = False):

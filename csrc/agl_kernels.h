@@ -40,9 +40,12 @@ struct TermsArgs {
 };
 
 // Gradients w.r.t. the five sums (input of the backward), and the outputs of the backward.
+// The CPU kernel reads gs (host values). The CUDA kernels read only gs_dev, which they require: kNumSums Acc in
+// device memory (the grad_sums tensor itself), so the backward needs no device->host copy and no sync.
 template <typename T, typename Acc>
 struct TermsGrads {
   Acc gs[kNumSums] = {0, 0, 0, 0, 0};
+  const Acc* gs_dev = nullptr;  // device, kNumSums; CUDA only
   T* dB = nullptr;   // (m, r)
   T* dA = nullptr;   // (r, n)
   T* dBa = nullptr;  // (m, ra) or nullptr

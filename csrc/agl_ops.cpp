@@ -227,17 +227,24 @@ void check_grad_sums(const Tensor& grad_sums, const Prepared& p) {
                     " but `B` is on ", p.B.device(), "; all tensors must share a device");
 }
 
+// The backward's output pointers; the caller fills in the incoming gradients (gs or gs_dev).
 template <typename T, typename Acc>
-TermsGrads<T, Acc> make_grads(const Tensor& grad_sums, BwdOut& o) {
-  // The five incoming gradients are scalars the kernels take by value (a device->host copy on CUDA).
-  Tensor gs = grad_sums.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* g = gs.data_ptr<double>();
+TermsGrads<T, Acc> grads_outputs(BwdOut& o) {
   TermsGrads<T, Acc> gr;
-  for (int k = 0; k < kNumSums; ++k) gr.gs[k] = static_cast<Acc>(g[k]);
   gr.dB = static_cast<T*>(o.dB.data_ptr());
   gr.dA = static_cast<T*>(o.dA.data_ptr());
   gr.dBa = o.dBa.numel() > 0 ? static_cast<T*>(o.dBa.data_ptr()) : nullptr;
   gr.dAa = o.dAa.numel() > 0 ? static_cast<T*>(o.dAa.data_ptr()) : nullptr;
+  return gr;
+}
+
+// CPU: the five incoming gradients as host scalars, taken by value.
+template <typename T, typename Acc>
+TermsGrads<T, Acc> make_grads(const Tensor& grad_sums, BwdOut& o) {
+  Tensor gs = grad_sums.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* g = gs.data_ptr<double>();
+  TermsGrads<T, Acc> gr = grads_outputs<T, Acc>(o);
+  for (int k = 0; k < kNumSums; ++k) gr.gs[k] = static_cast<Acc>(g[k]);
   return gr;
 }
 
@@ -303,12 +310,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> terms_bwd_cuda_impl(
   Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness);
   check_grad_sums(grad_sums, p);
   BwdOut o = alloc_bwd(p);
+  // The kernels read the five incoming gradients from device memory: converted (and made contiguous) on the device,
+  // in stream order, so a backward never waits for a device->host copy. A no-op when already Acc and contiguous.
+  const Tensor gs_dev = grad_sums.detach().to(p.acc).contiguous();
   dispatch(p, [&](auto c) {
     using C = decltype(c);
     using T = typename C::t;
     using Acc = typename C::acc;
     auto a = make_args<T, typename C::tm, Acc>(p);
-    auto gr = make_grads<T, Acc>(grad_sums, o);
+    auto gr = grads_outputs<T, Acc>(o);
+    gr.gs_dev = static_cast<const Acc*>(gs_dev.data_ptr());
     const size_t ws = terms_bwd_cuda_workspace(a);
     Tensor work = at::empty({static_cast<int64_t>(ws)}, p.B.options().dtype(at::kByte));
     terms_bwd_cuda(a, gr, ws ? work.data_ptr() : nullptr,

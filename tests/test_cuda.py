@@ -298,3 +298,39 @@ def test_opcheck_cuda(mode):
     torch.library.opcheck(torch.ops.agl.terms_fwd.default, plain)
     gs = torch.randn(5, device=DEV)
     torch.library.opcheck(torch.ops.agl.terms_bwd.default, (gs,) + plain)
+
+
+# ------------------------------------------------------------------------------------------------ no host sync -------
+def _bwd_args(seed):
+    B, A, Ba, Aa, kw = make_inputs(70, 260, 6, 5, seed=seed)
+    return tuple(x.detach() for x in (B, A, Ba, Aa)) + (kw["fisher"], kw["task_metric"], None, 1.3, 4.0, 0.01, 100.0)
+
+
+def test_backward_reads_grad_sums_on_device_without_sync():
+    """terms_bwd takes dL/dsums from device memory: no device->host copy, so torch's sync debug mode stays quiet."""
+    args = _bwd_args(17)
+    gs = torch.randn(5, device=DEV)
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = torch.ops.agl.terms_bwd(gs, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    cpu = tuple(x.cpu() if torch.is_tensor(x) else x for x in args)
+    ref = torch.ops.agl.terms_bwd(gs.cpu(), *cpu)
+    for o, r in zip(out, ref):
+        assert torch.isfinite(o).all()
+        assert rel(o, r) <= 2e-4
+
+
+def test_backward_grad_sums_dtype_and_strides():
+    """float64 and non-contiguous grad_sums are converted on the device: same bits as float32 contiguous ones."""
+    args = _bwd_args(18)
+    wide = torch.randn(10, device=DEV, dtype=torch.float64)
+    gs = wide[::2]
+    assert not gs.is_contiguous()
+    a = torch.ops.agl.terms_bwd(gs, *args)
+    b = torch.ops.agl.terms_bwd(gs.float().contiguous(), *args)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

@@ -53,6 +53,7 @@ class Context:
     def base(self):
         if self._base is None:
             from agl.experiment._common import torch_dtype
+            from agl.models import stop_at_end_of_turn
 
             t0 = time.time()
             if self.cfg.threads:
@@ -142,24 +143,6 @@ def _save_plain(model, path: str) -> None:
     save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
-
-
-def stop_at_end_of_turn(model, tokenizer) -> None:
-    """Make greedy generation stop at the chat end-of-turn token. Some checkpoints (the GGUF of the offline model)
-    load with a generation config whose ``eos_token_id`` is not the template's end of turn, and then the model
-    writes on into invented user/assistant turns, which the refusal judge would read as part of the answer."""
-    gc = getattr(model, "generation_config", None)
-    if gc is None:
-        return
-    ids = gc.eos_token_id
-    ids = set(ids if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else []))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        if t in vocab:
-            ids.add(int(vocab[t]))
-    gc.eos_token_id = sorted(ids)
 
 
 def _read_json(path: str):

@@ -18,6 +18,8 @@
 //   Each partial slot is owned by exactly one thread of one block (same thread for every tile that touches it), so
 //   the read-modify-write needs no synchronisation and happens in a fixed order. Reduction kernels then sum the
 //   partials in a fixed order, multiply by the scale and convert to T, writing every output element.
+//   The five incoming grads dL/dsums are read from device memory (TermsGrads::gs_dev, the grad_sums tensor) into
+//   shared memory at kernel start, so the backward never waits for a device->host copy.
 // * Workspace: forward Pr*Pc*5 Acc; backward (Pc*m + Pr*n)*(r + ra)*sizeof(Acc) (+ 256-byte padding per section),
 //   with Pr*Pc <= one wave of resident blocks (see make_plan), i.e. O((m + n)*(r + ra)) times about sqrt(#SMs).
 // * Whether fisher/task_metric/align_mask are present is a run-time, block-uniform branch rather than a template
@@ -58,9 +60,12 @@ constexpr int kOffBt = kOffAk + kRC * kBN;      // Bt[i][k]  (kBM x kRCP) : dA c
 constexpr int kOffAt = kOffBt + kBM * kRCP;     // At[j][k]  (kBN x kRCP) : dB contraction reads 4 ranks per column
 constexpr int kOffP = kOffAt + kBN * kRCP;      // P[i][j]   (kBM x kPP)  : backward only
 constexpr int kOffQ = kOffP + kBM * kPP;        // Q[i][j]   (kBM x kPP)  : backward only
+constexpr int kOffGs = kOffQ + kBM * kPP;       // gs[5] (+3 padding)     : backward only, the incoming grads
 constexpr int kSmemFwd = kOffBt;                // forward needs only the rank-major copies
-constexpr int kSmemBwd = kOffQ + kBM * kPP;
-static_assert(kOffAk % 4 == 0 && kOffBt % 4 == 0 && kOffAt % 4 == 0 && kOffP % 4 == 0 && kOffQ % 4 == 0, "align");
+constexpr int kSmemBwd = kOffGs + 8;
+static_assert(kOffAk % 4 == 0 && kOffBt % 4 == 0 && kOffAt % 4 == 0 && kOffP % 4 == 0 && kOffQ % 4 == 0 &&
+                  kOffGs % 4 == 0 && kNumSums <= 8,
+              "align");
 static_assert(kBMP % 4 == 0 && kRCP % 4 == 0 && kRC % 8 == 0, "vector loads need 4-element alignment");
 static_assert(kThreads == 2 * kBN && kThreads == 4 * kBM && kRC == 16, "contraction thread maps assume these");
 
@@ -508,6 +513,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<Acc>())
   Acc* sm = dynamic_smem<Acc>();
   Acc* Ps = sm + kOffP;
   Acc* Qs = sm + kOffQ;
+  Acc* gs = sm + kOffGs;  // dL/dsums, loaded once per block from device memory (20-40 bytes; no host round trip)
+  if (threadIdx.x < kNumSums) gs[threadIdx.x] = gr.gs_dev[threadIdx.x];
+  __syncthreads();  // gs visible to all (nothing else may be ordered before the first rebuild's barrier)
   const TermsArgs<T, TM, Acc>& a = kp.a;
   const Plan& pl = kp.plan;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
@@ -564,7 +572,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<Acc>())
             const Acc dv = a.scale * (align ? Ps[i * kPP + j] : acc[p][q]);
             const Acc dav = align ? a.scale * acc[p][q] : (mask ? rm.msk[q] * dv : Acc(0));
             Acc dd, dda;
-            element_grads(dv, dav, rm.g[q], rm.h[q], a.eta, gr.gs, dd, dda);
+            element_grads(dv, dav, rm.g[q], rm.h[q], a.eta, gs, dd, dda);
             pv = mask ? dd + rm.msk[q] * dda : dd;
             qv = dda;
           }
@@ -754,6 +762,10 @@ void terms_bwd_cuda(const TermsArgs<T, TM, Acc>& a, const TermsGrads<T, Acc>& g,
     zero_out(g.dBa, a.m * a.ra, stream);
     zero_out(g.dAa, a.ra * a.n, stream);
     return;
+  }
+  if (g.gs_dev == nullptr) {
+    throw std::invalid_argument("agl terms_bwd_cuda: TermsGrads::gs_dev (the grads of the sums, in device memory) "
+                                "is required; the CUDA kernels do not read the host copy gs");
   }
   size_t smem = 0;
   const Plan p = bwd_plan(a, smem);

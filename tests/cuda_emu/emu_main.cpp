@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <random>
 #include <thread>
 #include <vector>
@@ -225,8 +226,13 @@ static bool run_case(const char* name, int64_t m, int64_t n, int64_t r, int64_t 
   emu_fwd(a, slots, sums);
   std::vector<T> dB(m * r), dA(r * n), dBa(m * P.ra), dAa(P.ra * n);
   fill_nan(dB), fill_nan(dA), fill_nan(dBa), fill_nan(dAa);
+  // The CUDA kernels take the incoming grads from device memory (gs_dev; here host memory plays the device's part).
+  // The host copy gs is left NaN: reading it instead would poison every gradient.
   TermsGrads<T, Acc> g;
-  for (int k = 0; k < kNumSums; ++k) g.gs[k] = Acc(gs[k]);
+  std::vector<Acc> gs_dev(kNumSums);
+  for (int k = 0; k < kNumSums; ++k) gs_dev[k] = Acc(gs[k]);
+  for (int k = 0; k < kNumSums; ++k) g.gs[k] = std::numeric_limits<Acc>::quiet_NaN();
+  g.gs_dev = gs_dev.data();
   g.dB = dB.data(), g.dA = dA.data(), g.dBa = P.ra ? dBa.data() : nullptr, g.dAa = P.ra ? dAa.data() : nullptr;
   emu_bwd(a, g, slots);
 

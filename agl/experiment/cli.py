@@ -110,24 +110,31 @@ def _user_errors() -> tuple:
     return tuple(errs)
 
 
-def _run(args) -> int:
+def run_from_args(args, base=None, banner: str = "") -> int:
+    """Shared body of `agl experiment` and `agl demo`: build the config (flags over ``base``), run, summarise."""
     from agl.cli import CLIError
     from agl.experiment.pipeline import run_pipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, base=base)
     if cfg.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise CLIError("--device cuda: no CUDA GPU is visible to torch")
+    if banner:
+        print(banner.format(cfg=cfg), flush=True)
     try:
         result = run_pipeline(cfg, progress=not args.no_progress)
     except _user_errors() as exc:
         raise CLIError(str(exc).splitlines()[0]) from None
     print_summary(result)
     return 0
+
+
+def _run(args) -> int:
+    return run_from_args(args)
 
 
 def register(subparsers) -> None:

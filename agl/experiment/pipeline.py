@@ -202,20 +202,24 @@ def _task_records(ctx: Context, split: str) -> List[dict]:
     return _read_json(os.path.join(ctx.stages["task_data"].path, f"{split}.json"))
 
 
-def _build_eval_start(ctx: Context, stage: Stage):
+def _evaluate_into(ctx: Context, model, tok, work: str, tmp: str) -> None:
+    """DriftCaps eval + task exact-match of one model, generations cached under ``work``, results into ``tmp``."""
     from agl.experiment.evaluation import drift_eval, select_eval_prompts, task_eval
 
+    cfg = ctx.cfg
+    drift = drift_eval(model, tok, select_eval_prompts(cfg), max_new_tokens=cfg.eval_max_new_tokens,
+                       batch_size=cfg.eval_batch, cache=os.path.join(work, "drift.jsonl"), progress=ctx.progress)
+    task = task_eval(model, tok, _task_records(ctx, "test"), max_new_tokens=cfg.task_max_new_tokens,
+                     batch_size=cfg.task_eval_batch, device=cfg.device, cache=os.path.join(work, "task.jsonl"),
+                     progress=ctx.progress)
+    atomic_write_json(os.path.join(tmp, "drift.json"), drift)
+    atomic_write_json(os.path.join(tmp, "task.json"), task)
+
+
+def _build_eval_start(ctx: Context, stage: Stage):
     def build(tmp):
-        cfg = ctx.cfg
         model, tok = ctx.aligned()
-        work = ctx.work("eval_start", stage)
-        drift = drift_eval(model, tok, select_eval_prompts(cfg), max_new_tokens=cfg.eval_max_new_tokens,
-                           batch_size=cfg.eval_batch, cache=os.path.join(work, "drift.jsonl"), progress=ctx.progress)
-        task = task_eval(model, tok, _task_records(ctx, "test"), max_new_tokens=cfg.task_max_new_tokens,
-                         batch_size=cfg.task_eval_batch, device=cfg.device, cache=os.path.join(work, "task.jsonl"),
-                         progress=ctx.progress)
-        atomic_write_json(os.path.join(tmp, "drift.json"), drift)
-        atomic_write_json(os.path.join(tmp, "task.json"), task)
+        _evaluate_into(ctx, model, tok, ctx.work("eval_start", stage), tmp)
 
     return build
 
@@ -295,19 +299,9 @@ def _build_finetune(ctx: Context, stage: Stage, method: str, seed: int):
 
 
 def _build_evaluate(ctx: Context, stage: Stage, method: str, seed: int):
-    from agl.experiment.evaluation import drift_eval, select_eval_prompts, task_eval
-
     def build(tmp):
-        cfg = ctx.cfg
         model, tok = ctx.tuned(method, seed)
-        work = ctx.work(stage.name, stage)
-        drift = drift_eval(model, tok, select_eval_prompts(cfg), max_new_tokens=cfg.eval_max_new_tokens,
-                           batch_size=cfg.eval_batch, cache=os.path.join(work, "drift.jsonl"), progress=ctx.progress)
-        task = task_eval(model, tok, _task_records(ctx, "test"), max_new_tokens=cfg.task_max_new_tokens,
-                         batch_size=cfg.task_eval_batch, device=cfg.device, cache=os.path.join(work, "task.jsonl"),
-                         progress=ctx.progress)
-        atomic_write_json(os.path.join(tmp, "drift.json"), drift)
-        atomic_write_json(os.path.join(tmp, "task.json"), task)
+        _evaluate_into(ctx, model, tok, ctx.work(stage.name, stage), tmp)
 
     return build
 

@@ -290,6 +290,7 @@ def main(argv=None):
     print(f"device: {name} ({device.type}, {threads} threads), torch {torch.__version__}", file=sys.stderr)
     peaks = {}
     rows = []
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{slug(name)}.json"
     for shape in shapes:
         m, n, r = parse_shape(shape)
         for dname in dtypes:
@@ -332,8 +333,7 @@ def main(argv=None):
                           f"{dname} matmul ({fl / 1e12:.0f} TFLOP/s)", file=sys.stderr)
                 rows += list(group.values())
             del inputs
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{slug(name)}.json"
-    write_rows(out, rows)
+            write_rows(out, rows)  # after every (shape, dtype): a run cut short keeps what it measured
     hdr = f"{'shape':>14} {'dtype':>8} {'mode':>8} {'provider':>9} {'median ms':>10} {'p20':>9} {'p80':>9} " \
           f"{'peak MB':>9} {'x eager':>8} {'x compiled':>10}"
     print(hdr)

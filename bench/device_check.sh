@@ -4,7 +4,7 @@
 # Run from the repository root on the GPU machine (python3 with a CUDA torch, nvcc, no network):
 #     OUT=/some/dir bash bench/device_check.sh
 # Every step runs under `timeout`, so one hang cannot eat the budget; the script keeps going after a failure and
-# exits non-zero if any step failed. Step limits (seconds): BUILD_S TEST_S TIMING_S BENCH_S NCU_S SAN_S; a limit of
+# exits non-zero if any step failed. Step limits (seconds): BUILD_S TEST_S TIMING_S BENCH_S PROFILE_S NCU_S SAN_S; a limit of
 # 0 skips the step. Defaults sum to about 7 minutes.
 # What comes back is kept to 7 files in $OUT (the device tool returns at most 8): summary.txt (environment, step
 # results, ptxas registers/spills, test and timing tails), build.log, pytest.log, kernel_timing.json,
@@ -20,6 +20,7 @@ TIMING_S="${TIMING_S:-45}"
 BENCH_S="${BENCH_S:-120}"
 NCU_S="${NCU_S:-45}"
 SAN_S="${SAN_S:-45}"
+PROFILE_S="${PROFILE_S:-60}"
 S="$OUT/summary.txt"
 failed=()
 start=$(date +%s)
@@ -73,6 +74,10 @@ BENCH_ARGS="${BENCH_ARGS:---shapes 4096x4096r16,4096x11008r16 --dtypes float32,b
 step bench "$BENCH_S" bash -c "$PY bench/bench_ops.py --device cuda $BENCH_ARGS --out '$OUT/bench_cuda.json' > '$WORK/bench.log' 2>&1"
 { echo "--- bench"; grep -v "^  " "$WORK/bench.log" | tail -n 40; grep "roofline" "$WORK/bench.log"; } >> "$S" 2>&1
 
+# 3c. Host vs device time of one fwd+bwd call (torch.profiler), float32 4096x4096 r16.
+step profile "$PROFILE_S" bash -c "$PY bench/ncu_probe.py --profile --shapes 4096x4096r16,576x576r8 --dtypes float32 > '$WORK/profile.log' 2>&1"
+{ echo "--- profile"; cat "$WORK/profile.log"; } >> "$S" 2>&1
+
 # 4. Nsight Compute: one fwd+bwd of the fused op per case; speed-of-light, occupancy, memory and launch sections.
 NCU_ARGS="${NCU_ARGS:---shapes 4096x4096r16 --dtypes float32,bfloat16}"
 if command -v ncu > /dev/null; then
@@ -83,7 +88,7 @@ fi
 
 # 5. compute-sanitizer memcheck on small odd shapes (out-of-bounds reads/writes in the tile edges).
 if command -v compute-sanitizer > /dev/null; then
-  step sanitizer "$SAN_S" bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $PY bench/ncu_probe.py --shapes 67x131r5,1x1x1r1,130x9r3 --dtypes float32,bfloat16 > '$WORK/sanitizer.log' 2>&1"
+  step sanitizer "$SAN_S" bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $PY bench/ncu_probe.py --shapes 67x131r5,1x1r1,130x9r3 --dtypes float32,bfloat16 > '$WORK/sanitizer.log' 2>&1"
   { echo "--- sanitizer"; tail -n 15 "$WORK/sanitizer.log"; } >> "$S" 2>&1
 fi
 

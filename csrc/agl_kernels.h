@@ -36,16 +36,20 @@ struct TermsArgs {
   const TM* H = nullptr;  // task_metric (m, n) or nullptr (then H = 1)
   const TM* M = nullptr;  // align_mask (m, n) or nullptr; when set, D_A = M * D and Ba/Aa are nullptr
   Acc scale = 1;
+  Acc eps = 0;  // the geodesic term's denominator guard (terms_from_sums)
   EtaParams<Acc> eta{};
 };
 
-// Gradients w.r.t. the five sums (input of the backward), and the outputs of the backward.
-// The CPU kernel reads gs (host values). The CUDA kernels read only gs_dev, which they require: kNumSums Acc in
-// device memory (the grad_sums tensor itself), so the backward needs no device->host copy and no sync.
+// The incoming gradients (input of the backward) and the outputs of the backward.
+// The CPU kernel reads gs, the gradients w.r.t. the five sums, as host values (the glue forms them from the
+// gradients w.r.t. the terms with grad_sums_from_grad_terms). The CUDA kernels read only gt_dev (kNumTerms Acc,
+// dL/dterms) and S_dev (kNumSums Acc, the forward's sums), both in device memory, and form gs on the device, so the
+// backward needs no device->host copy and no sync.
 template <typename T, typename Acc>
 struct TermsGrads {
   Acc gs[kNumSums] = {0, 0, 0, 0, 0};
-  const Acc* gs_dev = nullptr;  // device, kNumSums; CUDA only
+  const Acc* gt_dev = nullptr;  // device, kNumTerms; CUDA only
+  const Acc* S_dev = nullptr;   // device, kNumSums; CUDA only
   T* dB = nullptr;   // (m, r)
   T* dA = nullptr;   // (r, n)
   T* dBa = nullptr;  // (m, ra) or nullptr
@@ -64,7 +68,8 @@ void terms_bwd_cpu(const TermsArgs<T, TM, Acc>& a, const TermsGrads<T, Acc>& g);
 template <typename T, typename TM, typename Acc>
 size_t terms_fwd_cuda_workspace(const TermsArgs<T, TM, Acc>& a);
 template <typename T, typename TM, typename Acc>
-void terms_fwd_cuda(const TermsArgs<T, TM, Acc>& a, Acc* sums /* device, kNumSums */, void* workspace, void* stream);
+void terms_fwd_cuda(const TermsArgs<T, TM, Acc>& a, Acc* terms /* device, kNumTerms */, Acc* sums /* device, kNumSums */,
+                    void* workspace, void* stream);
 template <typename T, typename TM, typename Acc>
 size_t terms_bwd_cuda_workspace(const TermsArgs<T, TM, Acc>& a);
 template <typename T, typename TM, typename Acc>

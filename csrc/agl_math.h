@@ -11,8 +11,10 @@
 //   S[kOverlap]    = sum eta(d) * |da| * |dt|,   eta(d) = 1 + beta * sigmoid(kappa * (|d| - tau))
 //   S[kCross]      = sum g * da * dt
 //   S[kTaskFisher] = sum g * dt^2
-// Python turns the sums into the four terms (means and the geodesic ratio), so autograd hands the backward the
-// gradient of the loss w.r.t. each sum, gs[k]. The backward then needs, per element, the partial derivatives of
+// The four terms are scalar functions of the sums (terms_from_sums, evaluated once per call on the device that
+// holds the sums), so the backward receives the gradient of the loss w.r.t. each term, gt[t], turns it into the
+// gradient w.r.t. each sum, gs[k] (grad_sums_from_grad_terms), and then needs, per element, the partial
+// derivatives of
 //   L = sum_k gs[k] * S[k]
 // w.r.t. d (holding da fixed) and w.r.t. da (holding d fixed); see docs/MATH.md for the derivation.
 #pragma once
@@ -28,6 +30,38 @@
 namespace agl {
 
 enum SumIndex : int { kAlign = 0, kTask = 1, kOverlap = 2, kCross = 3, kTaskFisher = 4, kNumSums = 5 };
+enum TermIndex : int { kTermAlign = 0, kTermTask = 1, kTermOverlap = 2, kTermGeodesic = 3, kNumTerms = 4 };
+
+// The four AGL terms from the five sums over N = m * n elements:
+//   align = S0 / N,  task = S1 / N,  overlap = S2 / N,  geodesic = S3^2 / (S0 * S4 + eps)
+// (N = 0 gives NaN means, like a mean over an empty grid).
+template <typename T>
+AGL_HD void terms_from_sums(const T* S, T N, T eps, T* out) {
+  out[kTermAlign] = S[kAlign] / N;
+  out[kTermTask] = S[kTask] / N;
+  out[kTermOverlap] = S[kOverlap] / N;
+  out[kTermGeodesic] = S[kCross] * S[kCross] / (S[kAlign] * S[kTaskFisher] + eps);
+}
+
+// Chain rule through terms_from_sums: gs[k] = sum_t gt[t] * d term_t / d S_k. With den = S0 * S4 + eps and
+// geo = S3^2 / den: d geo/d S3 = 2 S3 / den, d geo/d S0 = -geo * S4 / den, d geo/d S4 = -geo * S0 / den.
+// A zero gt[geodesic] (the term unused by the loss) contributes exactly nothing, even where den = 0.
+template <typename T>
+AGL_HD void grad_sums_from_grad_terms(const T* S, const T* gt, T N, T eps, T* gs) {
+  gs[kAlign] = gt[kTermAlign] / N;
+  gs[kTask] = gt[kTermTask] / N;
+  gs[kOverlap] = gt[kTermOverlap] / N;
+  gs[kCross] = T(0);
+  gs[kTaskFisher] = T(0);
+  const T gg = gt[kTermGeodesic];
+  if (gg != T(0)) {
+    const T den = S[kAlign] * S[kTaskFisher] + eps;
+    const T geo = S[kCross] * S[kCross] / den;
+    gs[kAlign] -= gg * geo * S[kTaskFisher] / den;
+    gs[kCross] = gg * T(2) * S[kCross] / den;
+    gs[kTaskFisher] = -gg * geo * S[kAlign] / den;
+  }
+}
 
 AGL_HD float agl_exp(float x) { return expf(x); }
 AGL_HD double agl_exp(double x) { return exp(x); }

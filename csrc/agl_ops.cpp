@@ -1,12 +1,15 @@
 // Torch-facing glue of the fused AGL op: schemas, argument checks, dtype dispatch, CPU (and, in a CUDA build, CUDA)
 // implementations, and the Python module init so that `import agl._C` registers the ops.
 //
-//   agl::terms_fwd(B, A, B_align?, A_align?, fisher?, task_metric?, align_mask?, scale, beta, tau, sharpness)
-//       -> sums (5,)  [sum G D_A^2, sum H D_T^2, sum eta |D_A||D_T|, sum G D_A D_T, sum G D_T^2]
-//   agl::terms_bwd(grad_sums, <same inputs>) -> (grad_B, grad_A, grad_B_align, grad_A_align)
+//   agl::terms_fwd(B, A, B_align?, A_align?, fisher?, task_metric?, align_mask?, scale, beta, tau, sharpness, eps)
+//       -> (terms (4,) [align, task, overlap, geodesic],
+//           sums (5,)  [sum G D_A^2, sum H D_T^2, sum eta |D_A||D_T|, sum G D_A D_T, sum G D_T^2])
+//   agl::terms_bwd(grad_terms, sums, <same inputs>) -> (grad_B, grad_A, grad_B_align, grad_A_align)
 //
-// The sums come in the accumulation dtype (float64 for float64 factors, float32 otherwise); agl/ops.py turns them
-// into the four terms with ordinary torch ops and wires the backward with torch.library.register_autograd.
+// Terms and sums come in the accumulation dtype (float64 for float64 factors, float32 otherwise). The sums are the
+// forward's by-product that the backward needs (they are not differentiated); agl/ops.py wires the backward with
+// torch.library.register_autograd. Forming the terms (and, backward, the grads of the sums) inside the op keeps a
+// call at one dispatch each way: a dozen tiny torch ops per call cost more than the kernels on small layers.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -48,12 +51,13 @@ struct Prepared {
   Tensor B, A, Ba, Aa, F, H, M;  // undefined when absent
   int64_t m = 0, n = 0, r = 0, ra = 0;
   at::ScalarType factor = at::kFloat, metric = at::kFloat, acc = at::kFloat;
-  double scale = 1, beta = 0, tau = 0, sharpness = 0;
+  double scale = 1, beta = 0, tau = 0, sharpness = 0, eps = 0;
 };
 
 Prepared prepare(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align, const optional<Tensor>& A_align,
                  const optional<Tensor>& fisher, const optional<Tensor>& task_metric,
-                 const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness) {
+                 const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness,
+                 double eps) {
   check_matrix(B, "B");
   check_matrix(A, "A");
   const int64_t m = B.size(0), r = B.size(1), n = A.size(1);
@@ -103,6 +107,8 @@ Prepared prepare(const Tensor& B, const Tensor& A, const optional<Tensor>& B_ali
   check_scalar(tau, "tau");
   check_scalar(sharpness, "sharpness");
   TORCH_CHECK_VALUE(sharpness >= 0, "agl: `sharpness` must be >= 0, got ", sharpness);
+  check_scalar(eps, "eps");
+  TORCH_CHECK_VALUE(eps >= 0, "agl: `eps` must be >= 0, got ", eps);
 
   Prepared p;
   p.m = m;
@@ -143,6 +149,7 @@ Prepared prepare(const Tensor& B, const Tensor& A, const optional<Tensor>& B_ali
   p.beta = beta;
   p.tau = tau;
   p.sharpness = sharpness;
+  p.eps = eps;
   return p;
 }
 
@@ -197,6 +204,7 @@ TermsArgs<T, TM, Acc> make_args(const Prepared& p) {
   a.H = cptr<TM>(p.H);
   a.M = cptr<TM>(p.M);
   a.scale = static_cast<Acc>(p.scale);
+  a.eps = static_cast<Acc>(p.eps);
   a.eta.beta = static_cast<Acc>(p.beta);
   a.eta.tau = static_cast<Acc>(p.tau);
   a.eta.kappa = static_cast<Acc>(p.sharpness);
@@ -218,16 +226,17 @@ BwdOut alloc_bwd(const Prepared& p) {
   return o;
 }
 
-void check_grad_sums(const Tensor& grad_sums, const Prepared& p) {
-  TORCH_CHECK_VALUE(grad_sums.dim() == 1 && grad_sums.size(0) == kNumSums, "agl: `grad_sums` must have shape (",
-                    int(kNumSums), ",), got ", grad_sums.sizes());
-  TORCH_CHECK_TYPE(is_factor_dtype(grad_sums.scalar_type()),
-                   "agl: `grad_sums` must be a floating-point tensor, got ", grad_sums.scalar_type());
-  TORCH_CHECK_VALUE(grad_sums.device() == p.B.device(), "agl: `grad_sums` is on ", grad_sums.device(),
-                    " but `B` is on ", p.B.device(), "; all tensors must share a device");
+// grad_terms (4,) and sums (5,): floating point, on the device of B.
+void check_vector(const Tensor& t, int64_t len, const char* name, const Prepared& p) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == len, "agl: `", name, "` must have shape (", len, ",), got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(is_factor_dtype(t.scalar_type()), "agl: `", name, "` must be a floating-point tensor, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == p.B.device(), "agl: `", name, "` is on ", t.device(), " but `B` is on ",
+                    p.B.device(), "; all tensors must share a device");
 }
 
-// The backward's output pointers; the caller fills in the incoming gradients (gs or gs_dev).
+// The backward's output pointers; the caller fills in the incoming gradients (gs, or gt_dev and S_dev).
 template <typename T, typename Acc>
 TermsGrads<T, Acc> grads_outputs(BwdOut& o) {
   TermsGrads<T, Acc> gr;
@@ -238,88 +247,109 @@ TermsGrads<T, Acc> grads_outputs(BwdOut& o) {
   return gr;
 }
 
-// CPU: the five incoming gradients as host scalars, taken by value.
+// A (len,) tensor as `len` host values of type Acc.
+template <typename Acc>
+void host_values(const Tensor& t, Acc* out) {
+  Tensor h = t.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* v = h.data_ptr<double>();
+  for (int64_t k = 0; k < h.numel(); ++k) out[k] = static_cast<Acc>(v[k]);
+}
+
+// CPU: the five grads of the sums as host scalars, formed from dL/dterms and the sums.
 template <typename T, typename Acc>
-TermsGrads<T, Acc> make_grads(const Tensor& grad_sums, BwdOut& o) {
-  Tensor gs = grad_sums.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* g = gs.data_ptr<double>();
+TermsGrads<T, Acc> make_grads(const Tensor& grad_terms, const Tensor& sums, const Prepared& p, BwdOut& o) {
+  Acc gt[kNumTerms], S[kNumSums];
+  host_values(grad_terms, gt);
+  host_values(sums, S);
   TermsGrads<T, Acc> gr = grads_outputs<T, Acc>(o);
-  for (int k = 0; k < kNumSums; ++k) gr.gs[k] = static_cast<Acc>(g[k]);
+  grad_sums_from_grad_terms(S, gt, static_cast<Acc>(p.m) * static_cast<Acc>(p.n), static_cast<Acc>(p.eps), gr.gs);
   return gr;
 }
 
-Tensor terms_fwd_cpu_impl(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
-                          const optional<Tensor>& A_align, const optional<Tensor>& fisher,
-                          const optional<Tensor>& task_metric, const optional<Tensor>& align_mask, double scale,
-                          double beta, double tau, double sharpness) {
-  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness);
+std::tuple<Tensor, Tensor> terms_fwd_cpu_impl(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
+                                              const optional<Tensor>& A_align, const optional<Tensor>& fisher,
+                                              const optional<Tensor>& task_metric,
+                                              const optional<Tensor>& align_mask, double scale, double beta,
+                                              double tau, double sharpness, double eps) {
+  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
   TORCH_CHECK_VALUE(p.B.device().is_cpu(), "agl::terms_fwd (CPU kernel): `B` is on ", p.B.device());
   Tensor sums = at::empty({kNumSums}, p.B.options().dtype(p.acc));
+  Tensor terms = at::empty({kNumTerms}, p.B.options().dtype(p.acc));
   dispatch(p, [&](auto c) {
     using C = decltype(c);
-    auto a = make_args<typename C::t, typename C::tm, typename C::acc>(p);
-    terms_fwd_cpu(a, static_cast<typename C::acc*>(sums.data_ptr()));
+    using Acc = typename C::acc;
+    auto a = make_args<typename C::t, typename C::tm, Acc>(p);
+    Acc* S = static_cast<Acc*>(sums.data_ptr());
+    terms_fwd_cpu(a, S);
+    terms_from_sums(S, static_cast<Acc>(p.m) * static_cast<Acc>(p.n), a.eps, static_cast<Acc*>(terms.data_ptr()));
   });
-  return sums;
+  return {terms, sums};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> terms_bwd_cpu_impl(
-    const Tensor& grad_sums, const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
+    const Tensor& grad_terms, const Tensor& sums, const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
     const optional<Tensor>& A_align, const optional<Tensor>& fisher, const optional<Tensor>& task_metric,
-    const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness) {
-  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness);
-  check_grad_sums(grad_sums, p);
+    const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness, double eps) {
+  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
+  check_vector(grad_terms, kNumTerms, "grad_terms", p);
+  check_vector(sums, kNumSums, "sums", p);
   BwdOut o = alloc_bwd(p);
   dispatch(p, [&](auto c) {
     using C = decltype(c);
     using T = typename C::t;
     using Acc = typename C::acc;
     auto a = make_args<T, typename C::tm, Acc>(p);
-    auto gr = make_grads<T, Acc>(grad_sums, o);
+    auto gr = make_grads<T, Acc>(grad_terms, sums, p, o);
     terms_bwd_cpu(a, gr);
   });
   return {o.dB, o.dA, o.dBa, o.dAa};
 }
 
 #ifdef AGL_WITH_CUDA
-Tensor terms_fwd_cuda_impl(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
-                           const optional<Tensor>& A_align, const optional<Tensor>& fisher,
-                           const optional<Tensor>& task_metric, const optional<Tensor>& align_mask, double scale,
-                           double beta, double tau, double sharpness) {
+std::tuple<Tensor, Tensor> terms_fwd_cuda_impl(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
+                                               const optional<Tensor>& A_align, const optional<Tensor>& fisher,
+                                               const optional<Tensor>& task_metric,
+                                               const optional<Tensor>& align_mask, double scale, double beta,
+                                               double tau, double sharpness, double eps) {
   TORCH_CHECK_VALUE(B.is_cuda(), "agl::terms_fwd (CUDA kernel): `B` is on ", B.device());
   c10::cuda::CUDAGuard guard(B.device());
-  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness);
+  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
+  Tensor terms = at::empty({kNumTerms}, p.B.options().dtype(p.acc));
   Tensor sums = at::empty({kNumSums}, p.B.options().dtype(p.acc));
   dispatch(p, [&](auto c) {
     using C = decltype(c);
-    auto a = make_args<typename C::t, typename C::tm, typename C::acc>(p);
+    using Acc = typename C::acc;
+    auto a = make_args<typename C::t, typename C::tm, Acc>(p);
     const size_t ws = terms_fwd_cuda_workspace(a);
     Tensor work = at::empty({static_cast<int64_t>(ws)}, p.B.options().dtype(at::kByte));
-    terms_fwd_cuda(a, static_cast<typename C::acc*>(sums.data_ptr()), ws ? work.data_ptr() : nullptr,
-                   static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
+    terms_fwd_cuda(a, static_cast<Acc*>(terms.data_ptr()), static_cast<Acc*>(sums.data_ptr()),
+                   ws ? work.data_ptr() : nullptr, static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
   });
-  return sums;
+  return {terms, sums};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> terms_bwd_cuda_impl(
-    const Tensor& grad_sums, const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
+    const Tensor& grad_terms, const Tensor& sums, const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
     const optional<Tensor>& A_align, const optional<Tensor>& fisher, const optional<Tensor>& task_metric,
-    const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness) {
+    const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness, double eps) {
   TORCH_CHECK_VALUE(B.is_cuda(), "agl::terms_bwd (CUDA kernel): `B` is on ", B.device());
   c10::cuda::CUDAGuard guard(B.device());
-  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness);
-  check_grad_sums(grad_sums, p);
+  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
+  check_vector(grad_terms, kNumTerms, "grad_terms", p);
+  check_vector(sums, kNumSums, "sums", p);
   BwdOut o = alloc_bwd(p);
-  // The kernels read the five incoming gradients from device memory: converted (and made contiguous) on the device,
-  // in stream order, so a backward never waits for a device->host copy. A no-op when already Acc and contiguous.
-  const Tensor gs_dev = grad_sums.detach().to(p.acc).contiguous();
+  // The kernels read dL/dterms and the sums from device memory: converted (and made contiguous) on the device, in
+  // stream order, so a backward never waits for a device->host copy. No-ops when already Acc and contiguous.
+  const Tensor gt_dev = grad_terms.detach().to(p.acc).contiguous();
+  const Tensor S_dev = sums.detach().to(p.acc).contiguous();
   dispatch(p, [&](auto c) {
     using C = decltype(c);
     using T = typename C::t;
     using Acc = typename C::acc;
     auto a = make_args<T, typename C::tm, Acc>(p);
     auto gr = grads_outputs<T, Acc>(o);
-    gr.gs_dev = static_cast<const Acc*>(gs_dev.data_ptr());
+    gr.gt_dev = static_cast<const Acc*>(gt_dev.data_ptr());
+    gr.S_dev = static_cast<const Acc*>(S_dev.data_ptr());
     const size_t ws = terms_bwd_cuda_workspace(a);
     Tensor work = at::empty({static_cast<int64_t>(ws)}, p.B.options().dtype(at::kByte));
     terms_bwd_cuda(a, gr, ws ? work.data_ptr() : nullptr,
@@ -334,11 +364,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> terms_bwd_cuda_impl(
 TORCH_LIBRARY(agl, m) {
   m.def(
       "terms_fwd(Tensor B, Tensor A, Tensor? B_align, Tensor? A_align, Tensor? fisher, Tensor? task_metric, "
-      "Tensor? align_mask, float scale, float beta, float tau, float sharpness) -> Tensor");
+      "Tensor? align_mask, float scale, float beta, float tau, float sharpness, float eps) -> (Tensor, Tensor)");
   m.def(
-      "terms_bwd(Tensor grad_sums, Tensor B, Tensor A, Tensor? B_align, Tensor? A_align, Tensor? fisher, "
-      "Tensor? task_metric, Tensor? align_mask, float scale, float beta, float tau, float sharpness) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "terms_bwd(Tensor grad_terms, Tensor sums, Tensor B, Tensor A, Tensor? B_align, Tensor? A_align, "
+      "Tensor? fisher, Tensor? task_metric, Tensor? align_mask, float scale, float beta, float tau, float sharpness, "
+      "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(agl, CPU, m) {

@@ -45,8 +45,8 @@ def test_cuda_kernel_runs():
     if not _build_info().WITH_CUDA:
         pytest.skip("CPU-only build")
     B, A = torch.randn(8, 2, device="cuda"), torch.randn(2, 9, device="cuda")
-    s = torch.ops.agl.terms_fwd(B, A, None, None, None, None, None, 1.0, 4.0, 0.01, 100.0)
-    assert s.device.type == "cuda" and s.shape == (5,)
+    t, s = torch.ops.agl.terms_fwd(B, A, None, None, None, None, None, 1.0, 4.0, 0.01, 100.0, 1e-12)
+    assert t.device.type == s.device.type == "cuda" and t.shape == (4,) and s.shape == (5,)
 
 
 def test_torch_base_parses_numerically():

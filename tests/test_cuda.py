@@ -292,45 +292,64 @@ def test_cpu_kernel_matches_cuda_kernel(dtype, tol, mode):
 @pytest.mark.parametrize("mode", ["align", "mask", "none"])
 def test_opcheck_cuda(mode):
     B, A, Ba, Aa, kw = make_inputs(9, 20, 3, 2, mode=mode, seed=16)
-    args = (B, A, Ba, Aa, kw.get("fisher"), kw.get("task_metric"), kw.get("align_mask"), 1.3, 4.0, 0.01, 100.0)
+    args = (B, A, Ba, Aa, kw.get("fisher"), kw.get("task_metric"), kw.get("align_mask"), 1.3, 4.0, 0.01, 100.0,
+            1e-12)
     torch.library.opcheck(torch.ops.agl.terms_fwd.default, args)
     plain = tuple(x.detach() if torch.is_tensor(x) else x for x in args)
     torch.library.opcheck(torch.ops.agl.terms_fwd.default, plain)
-    gs = torch.randn(5, device=DEV)
-    torch.library.opcheck(torch.ops.agl.terms_bwd.default, (gs,) + plain)
+    gt, sums = torch.randn(4, device=DEV), torch.rand(5, device=DEV)
+    torch.library.opcheck(torch.ops.agl.terms_bwd.default, (gt, sums) + plain)
 
 
 # ------------------------------------------------------------------------------------------------ no host sync -------
 def _bwd_args(seed):
     B, A, Ba, Aa, kw = make_inputs(70, 260, 6, 5, seed=seed)
-    return tuple(x.detach() for x in (B, A, Ba, Aa)) + (kw["fisher"], kw["task_metric"], None, 1.3, 4.0, 0.01, 100.0)
+    args = tuple(x.detach() for x in (B, A, Ba, Aa)) + (kw["fisher"], kw["task_metric"], None, 1.3, 4.0, 0.01, 100.0,
+                                                         1e-12)
+    _, sums = torch.ops.agl.terms_fwd(*args)
+    return sums, args
 
 
-def test_backward_reads_grad_sums_on_device_without_sync():
-    """terms_bwd takes dL/dsums from device memory: no device->host copy, so torch's sync debug mode stays quiet."""
-    args = _bwd_args(17)
-    gs = torch.randn(5, device=DEV)
+def test_backward_reads_grads_and_sums_on_device_without_sync():
+    """terms_bwd takes dL/dterms and the sums from device memory: no device->host copy, so torch's sync debug mode
+    stays quiet; the grads match the CPU kernel's."""
+    sums, args = _bwd_args(17)
+    gt = torch.randn(4, device=DEV)
     torch.cuda.synchronize()
     prev = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = torch.ops.agl.terms_bwd(gs, *args)
+        out = torch.ops.agl.terms_bwd(gt, sums, *args)
     finally:
         torch.cuda.set_sync_debug_mode(prev)
     cpu = tuple(x.cpu() if torch.is_tensor(x) else x for x in args)
-    ref = torch.ops.agl.terms_bwd(gs.cpu(), *cpu)
+    ref = torch.ops.agl.terms_bwd(gt.cpu(), sums.cpu(), *cpu)
     for o, r in zip(out, ref):
         assert torch.isfinite(o).all()
         assert rel(o, r) <= 2e-4
 
 
-def test_backward_grad_sums_dtype_and_strides():
-    """float64 and non-contiguous grad_sums are converted on the device: same bits as float32 contiguous ones."""
-    args = _bwd_args(18)
-    wide = torch.randn(10, device=DEV, dtype=torch.float64)
-    gs = wide[::2]
-    assert not gs.is_contiguous()
-    a = torch.ops.agl.terms_bwd(gs, *args)
-    b = torch.ops.agl.terms_bwd(gs.float().contiguous(), *args)
+def test_backward_grad_terms_dtype_and_strides():
+    """float64 and non-contiguous grad_terms/sums are converted on the device: same bits as float32 contiguous."""
+    sums, args = _bwd_args(18)
+    wide = torch.randn(8, device=DEV, dtype=torch.float64)
+    gt = wide[::2]
+    assert not gt.is_contiguous()
+    s_wide = torch.stack([sums.double(), sums.double()], 1).reshape(-1)[::2]
+    assert not s_wide.is_contiguous()
+    a = torch.ops.agl.terms_bwd(gt, s_wide, *args)
+    b = torch.ops.agl.terms_bwd(gt.float().contiguous(), sums, *args)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_empty_grid_terms_and_grads():
+    """m = 0: zero sums, NaN means (an empty mean), geodesic 0/(0+eps) = 0, empty/zero grads: as on the CPU."""
+    B, A = torch.randn(0, 3, device=DEV), torch.randn(3, 5, device=DEV)
+    args = (B, A, None, None, None, None, None, 1.0, 4.0, 0.01, 100.0, 1e-12)
+    t, s = torch.ops.agl.terms_fwd(*args)
+    tc, sc = torch.ops.agl.terms_fwd(*(x.cpu() if torch.is_tensor(x) else x for x in args))
+    torch.testing.assert_close(t.cpu(), tc, equal_nan=True)
+    torch.testing.assert_close(s.cpu(), sc)
+    gB, gA, _, _ = torch.ops.agl.terms_bwd(torch.ones(4, device=DEV), s, *args)
+    assert gB.shape == (0, 3) and torch.equal(gA.cpu(), torch.zeros(3, 5))

@@ -242,7 +242,7 @@ def _opcheck_samples():
         x = make(*shape, dtype=dtype, option=option, seed=i)
         kw = x["kw"]
         args = [x["B"], x["A"], x["B_align"], x["A_align"], kw.get("fisher"), kw.get("task_metric"),
-                kw.get("align_mask"), float(kw["scale"]), 4.0, 0.01, 100.0]
+                kw.get("align_mask"), float(kw["scale"]), 4.0, 0.01, 100.0, 1e-12]
         out.append((args, i % 2 == 0))
     return out
 
@@ -253,9 +253,10 @@ def test_opcheck(sample):
     if grad:
         args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and i < 4 else a for i, a in enumerate(args)]
     torch.library.opcheck(torch.ops.agl.terms_fwd.default, args)
-    gs = torch.rand(5, dtype=torch.float64 if args[0].dtype == torch.float64 else torch.float32)
-    torch.library.opcheck(torch.ops.agl.terms_bwd.default, [gs] + [a.detach() if isinstance(a, torch.Tensor)
-                                                                     else a for a in args])
+    acc = torch.float64 if args[0].dtype == torch.float64 else torch.float32
+    gt, sums = torch.rand(4, dtype=acc), torch.rand(5, dtype=acc)
+    torch.library.opcheck(torch.ops.agl.terms_bwd.default, [gt, sums] + [a.detach() if isinstance(a, torch.Tensor)
+                                                                           else a for a in args])
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -301,6 +302,8 @@ def _bad_cases():
         "beta_inf": (dict(B=B, A=A, beta=float("inf")), "beta"),
         "tau_nan": (dict(B=B, A=A, tau=float("-inf")), "tau"),
         "sharpness_neg": (dict(B=B, A=A, sharpness=-1.0), "sharpness"),
+        "eps_neg": (dict(B=B, A=A, eps=-1e-3), "eps"),
+        "eps_nan": (dict(B=B, A=A, eps=float("nan")), "eps"),
     }
 
 
@@ -323,19 +326,54 @@ def test_bad_input_raw_ops(case, op):
     kw, name = _bad_cases()[case]
     args = [kw["B"], kw["A"], kw.get("B_align"), kw.get("A_align"), kw.get("fisher"), kw.get("task_metric"),
             kw.get("align_mask"), kw.get("scale", 1.0), kw.get("beta", 4.0), kw.get("tau", 0.01),
-            kw.get("sharpness", 100.0)]
+            kw.get("sharpness", 100.0), kw.get("eps", 1e-12)]
     with pytest.raises(_ERRORS, match=f"`{name}`"):
         if op == "fwd":
             torch.ops.agl.terms_fwd(*args)
         else:
-            torch.ops.agl.terms_bwd(torch.ones(5), *args)
+            torch.ops.agl.terms_bwd(torch.ones(4), torch.ones(5), *args)
 
 
-@pytest.mark.parametrize("gs", [torch.ones(4), torch.ones(5, 1), torch.ones(5, dtype=torch.int32)], ids=str)
-def test_bad_grad_sums_raw(gs):
-    with pytest.raises(_ERRORS, match="`grad_sums`"):
-        torch.ops.agl.terms_bwd(gs, torch.randn(4, 2), torch.randn(2, 5), None, None, None, None, None,
-                                1.0, 4.0, 0.01, 100.0)
+_BAD_VECTORS = [torch.ones(5), torch.ones(4, 1), torch.ones(3), torch.ones(4, dtype=torch.int32)]
+
+
+@pytest.mark.parametrize("which", ["grad_terms", "sums"])
+@pytest.mark.parametrize("bad", range(len(_BAD_VECTORS)))
+def test_bad_grad_terms_or_sums_raw(which, bad):
+    gt, sums = torch.ones(4), torch.ones(5)
+    v = _BAD_VECTORS[bad]
+    if which == "grad_terms":
+        gt = v
+    else:
+        sums = v if v.shape != (5,) else torch.ones(4)  # (5,) is a valid sums shape: use a wrong one
+    with pytest.raises(_ERRORS, match=f"`{which}`"):
+        torch.ops.agl.terms_bwd(gt, sums, torch.randn(4, 2), torch.randn(2, 5), None, None, None, None, None,
+                                1.0, 4.0, 0.01, 100.0, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_raw_op_terms_are_the_formulas_of_its_sums(dtype):
+    """terms = [S0/N, S1/N, S2/N, S3^2/(S0 S4 + eps)], N = m n, formed inside the op from its own sums."""
+    x = make(13, 21, 3, 2, dtype=dtype, option="fisher+task")
+    kw = x["kw"]
+    for eps in (1e-12, 0.5):
+        terms, S = torch.ops.agl.terms_fwd(x["B"], x["A"], x["B_align"], x["A_align"], kw["fisher"],
+                                           kw["task_metric"], None, float(kw["scale"]), 4.0, 0.01, 100.0, eps)
+        want = torch.stack([S[0] / 273, S[1] / 273, S[2] / 273, S[3] ** 2 / (S[0] * S[4] + eps)])
+        torch.testing.assert_close(terms, want, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+
+
+def test_unused_geodesic_with_zero_denominator_gives_finite_grads():
+    """eps = 0 and a zero align pair make the geodesic 0/0; a loss that does not use it must still get finite grads
+    (the op skips the geodesic's share of dL/dsums when dL/dgeodesic is 0)."""
+    B, A = torch.randn(6, 2, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64)
+    Ba, Aa = torch.zeros(6, 1, dtype=torch.float64), torch.zeros(1, 7, dtype=torch.float64)
+    args = (B, A, Ba, Aa, None, None, None, 1.0, 4.0, 0.01, 100.0, 0.0)
+    terms, S = torch.ops.agl.terms_fwd(*args)
+    assert torch.isnan(terms[3])  # 0 / 0: the term itself is undefined
+    grads = torch.ops.agl.terms_bwd(torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64), S, *args)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[0].abs().sum() > 0  # the task term still pulls on B
 
 
 def test_baseline_cpu_copy_matches_reference():
@@ -372,7 +410,7 @@ def test_supports_device():
 def test_meta_shapes():
     B, A = torch.empty(6, 3, device="meta"), torch.empty(3, 8, device="meta")
     Ba, Aa = torch.empty(6, 2, device="meta"), torch.empty(2, 8, device="meta")
-    s = torch.ops.agl.terms_fwd(B, A, Ba, Aa, None, None, None, 1.0, 4.0, 0.01, 100.0)
-    assert s.shape == (5,) and s.dtype == torch.float32
-    outs = torch.ops.agl.terms_bwd(s, B, A, Ba, Aa, None, None, None, 1.0, 4.0, 0.01, 100.0)
+    t, s = torch.ops.agl.terms_fwd(B, A, Ba, Aa, None, None, None, 1.0, 4.0, 0.01, 100.0, 1e-12)
+    assert t.shape == (4,) and s.shape == (5,) and t.dtype == s.dtype == torch.float32
+    outs = torch.ops.agl.terms_bwd(t, s, B, A, Ba, Aa, None, None, None, 1.0, 4.0, 0.01, 100.0, 1e-12)
     assert [tuple(o.shape) for o in outs] == [(6, 3), (3, 8), (6, 2), (2, 8)]

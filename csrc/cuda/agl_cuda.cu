@@ -11,15 +11,15 @@
 //   shared memory: each thread owns a 4 x 8 micro-tile (rows ty*4+p, columns tx*4+q and 64+tx*4+q, so that the loads
 //   of F/H/M are 16-byte vectors coalesced across the warp). Nothing of size m x n is ever written.
 // * Forward: per-thread sums -> fixed-order block reduction -> one row of 5 partial sums per block in the workspace
-//   -> a one-block kernel sums the rows in a fixed order. No atomics.
+//   -> a one-block kernel sums the rows in a fixed order and forms the four terms. No atomics.
 // * Backward: per element the grads P = dL/dD (total, in mask mode) and Q = dL/dD_A are written to shared memory;
 //   the tile's contributions P A^T (to dB) and B^T P (to dA) are contracted from shared memory and added into
 //   per-column-group partials dB_part[Pc][m][r] and per-row-group partials dA_part[Pr][r][n] in the workspace.
 //   Each partial slot is owned by exactly one thread of one block (same thread for every tile that touches it), so
 //   the read-modify-write needs no synchronisation and happens in a fixed order. Reduction kernels then sum the
 //   partials in a fixed order, multiply by the scale and convert to T, writing every output element.
-//   The five incoming grads dL/dsums are read from device memory (TermsGrads::gs_dev, the grad_sums tensor) into
-//   shared memory at kernel start, so the backward never waits for a device->host copy.
+//   The five grads dL/dsums are formed at kernel start from dL/dterms and the sums (TermsGrads::gt_dev, S_dev,
+//   device memory) into shared memory, so the backward never waits for a device->host copy.
 // * Workspace: forward Pr*Pc*5 Acc; backward (Pc*m + Pr*n)*(r + ra)*sizeof(Acc) (+ 256-byte padding per section),
 //   with Pr*Pc <= one wave of resident blocks (see make_plan), i.e. O((m + n)*(r + ra)) times about sqrt(#SMs).
 // * Whether fisher/task_metric/align_mask are present is a run-time, block-uniform branch rather than a template
@@ -397,9 +397,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<Acc>())
   }
 }
 
-// One block: sums the per-block rows of partial sums in a fixed order.
+// One block: sums the per-block rows of partial sums in a fixed order, then forms the four terms from the sums.
 template <typename Acc>
-__global__ void __launch_bounds__(kThreads) reduce_sums_kernel(const Acc* __restrict__ part, int64_t rows,
+__global__ void __launch_bounds__(kThreads) reduce_sums_kernel(const Acc* __restrict__ part, int64_t rows, Acc N,
+                                                               Acc eps, Acc* __restrict__ terms,
                                                                Acc* __restrict__ sums) {
   Acc* red = dynamic_smem<Acc>();  // kNumSums * (kThreads / 32)
   Acc v[kNumSums] = {Acc(0), Acc(0), Acc(0), Acc(0), Acc(0)};
@@ -411,6 +412,10 @@ __global__ void __launch_bounds__(kThreads) reduce_sums_kernel(const Acc* __rest
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int k = 0; k < kNumSums; ++k) sums[k] = v[k];
+    Acc t[kNumTerms];
+    terms_from_sums(v, N, eps, t);
+#pragma unroll
+    for (int k = 0; k < kNumTerms; ++k) terms[k] = t[k];
   }
 }
 
@@ -513,10 +518,19 @@ __global__ void __launch_bounds__(kThreads, min_blocks<Acc>())
   Acc* sm = dynamic_smem<Acc>();
   Acc* Ps = sm + kOffP;
   Acc* Qs = sm + kOffQ;
-  Acc* gs = sm + kOffGs;  // dL/dsums, loaded once per block from device memory (20-40 bytes; no host round trip)
-  if (threadIdx.x < kNumSums) gs[threadIdx.x] = gr.gs_dev[threadIdx.x];
-  __syncthreads();  // gs visible to all (nothing else may be ordered before the first rebuild's barrier)
+  Acc* gs = sm + kOffGs;  // dL/dsums, formed once per block from dL/dterms and the sums in device memory
   const TermsArgs<T, TM, Acc>& a = kp.a;
+  if (threadIdx.x == 0) {
+    Acc S[kNumSums], gt[kNumTerms], g5[kNumSums];
+#pragma unroll
+    for (int k = 0; k < kNumSums; ++k) S[k] = gr.S_dev[k];
+#pragma unroll
+    for (int k = 0; k < kNumTerms; ++k) gt[k] = gr.gt_dev[k];
+    grad_sums_from_grad_terms(S, gt, static_cast<Acc>(a.m) * static_cast<Acc>(a.n), a.eps, g5);
+#pragma unroll
+    for (int k = 0; k < kNumSums; ++k) gs[k] = g5[k];
+  }
+  __syncthreads();  // gs visible to all (nothing else may be ordered before the first rebuild's barrier)
   const Plan& pl = kp.plan;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const bool mask = a.M != nullptr;
@@ -727,10 +741,13 @@ size_t terms_fwd_cuda_workspace(const TermsArgs<T, TM, Acc>& a) {
 }
 
 template <typename T, typename TM, typename Acc>
-void terms_fwd_cuda(const TermsArgs<T, TM, Acc>& a, Acc* sums, void* workspace, void* stream_ptr) {
+void terms_fwd_cuda(const TermsArgs<T, TM, Acc>& a, Acc* terms, Acc* sums, void* workspace, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (a.m <= 0 || a.n <= 0) {
-    zero_out(sums, kNumSums, stream);
+  const Acc N = static_cast<Acc>(a.m) * static_cast<Acc>(a.n);
+  const size_t red_smem = kNumSums * (kThreads / 32) * sizeof(Acc);
+  if (a.m <= 0 || a.n <= 0) {  // empty grid: zero sums, terms of an empty mean (no partials to read)
+    reduce_sums_kernel<Acc><<<1, kThreads, red_smem, stream>>>(nullptr, 0, N, a.eps, terms, sums);
+    check_cuda(cudaGetLastError(), "agl reduce_sums_kernel launch");
     return;
   }
   size_t smem = 0;
@@ -740,7 +757,7 @@ void terms_fwd_cuda(const TermsArgs<T, TM, Acc>& a, Acc* sums, void* workspace, 
   const dim3 grid(static_cast<unsigned>(p.Pc), static_cast<unsigned>(p.Pr));
   terms_fwd_kernel<T, TM, Acc><<<grid, kThreads, smem, stream>>>(kp, part);
   check_cuda(cudaGetLastError(), "agl terms_fwd_kernel launch");
-  reduce_sums_kernel<Acc><<<1, kThreads, kNumSums * (kThreads / 32) * sizeof(Acc), stream>>>(part, p.Pr * p.Pc, sums);
+  reduce_sums_kernel<Acc><<<1, kThreads, red_smem, stream>>>(part, p.Pr * p.Pc, N, a.eps, terms, sums);
   check_cuda(cudaGetLastError(), "agl reduce_sums_kernel launch");
 }
 
@@ -763,9 +780,9 @@ void terms_bwd_cuda(const TermsArgs<T, TM, Acc>& a, const TermsGrads<T, Acc>& g,
     zero_out(g.dAa, a.ra * a.n, stream);
     return;
   }
-  if (g.gs_dev == nullptr) {
-    throw std::invalid_argument("agl terms_bwd_cuda: TermsGrads::gs_dev (the grads of the sums, in device memory) "
-                                "is required; the CUDA kernels do not read the host copy gs");
+  if (g.gt_dev == nullptr || g.S_dev == nullptr) {
+    throw std::invalid_argument("agl terms_bwd_cuda: TermsGrads::gt_dev and S_dev (the grads of the terms and the "
+                                "sums, in device memory) are required; the CUDA kernels do not read the host copy gs");
   }
   size_t smem = 0;
   const Plan p = bwd_plan(a, smem);
@@ -791,7 +808,7 @@ void terms_bwd_cuda(const TermsArgs<T, TM, Acc>& a, const TermsGrads<T, Acc>& g,
 // ---------------------------------------------------------------- instantiations ---------------------------------
 #define AGL_INSTANTIATE_CUDA(T, TM, ACC)                                                                            \
   template size_t terms_fwd_cuda_workspace<T, TM, ACC>(const TermsArgs<T, TM, ACC>&);                               \
-  template void terms_fwd_cuda<T, TM, ACC>(const TermsArgs<T, TM, ACC>&, ACC*, void*, void*);                       \
+  template void terms_fwd_cuda<T, TM, ACC>(const TermsArgs<T, TM, ACC>&, ACC*, ACC*, void*, void*);                 \
   template size_t terms_bwd_cuda_workspace<T, TM, ACC>(const TermsArgs<T, TM, ACC>&);                               \
   template void terms_bwd_cuda<T, TM, ACC>(const TermsArgs<T, TM, ACC>&, const TermsGrads<T, ACC>&, void*, void*);
 

@@ -91,7 +91,7 @@ static void fill_nan(std::vector<U>& v) {
 // Emulated versions of terms_fwd_cuda / terms_bwd_cuda (same plan, layout and kernels; `slots` replaces the
 // device's resident-block count so small problems still give blocks with several tiles each).
 template <typename T, typename TM, typename Acc>
-static void emu_fwd(const TermsArgs<T, TM, Acc>& a, int64_t slots, Acc* sums) {
+static void emu_fwd(const TermsArgs<T, TM, Acc>& a, int64_t slots, Acc* terms, Acc* sums) {
   const Plan p = make_plan(a.m, a.n, slots);
   std::vector<Acc> part(static_cast<size_t>(p.Pr * p.Pc) * kNumSums);
   fill_nan(part);
@@ -99,7 +99,7 @@ static void emu_fwd(const TermsArgs<T, TM, Acc>& a, int64_t slots, Acc* sums) {
   const size_t smem = std::max<size_t>(kSmemFwd, kNumSums * (kThreads / 32)) * sizeof(Acc);
   launch(dim3{unsigned(p.Pc), unsigned(p.Pr), 1}, kThreads, smem, [&] { terms_fwd_kernel<T, TM, Acc>(kp, part.data()); });
   launch(dim3{1, 1, 1}, kThreads, kNumSums * (kThreads / 32) * sizeof(Acc),
-         [&] { reduce_sums_kernel<Acc>(part.data(), p.Pr * p.Pc, sums); });
+         [&] { reduce_sums_kernel<Acc>(part.data(), p.Pr * p.Pc, Acc(a.m) * Acc(a.n), a.eps, terms, sums); });
 }
 
 template <typename T, typename Acc>
@@ -210,7 +210,8 @@ static bool run_case(const char* name, int64_t m, int64_t n, int64_t r, int64_t 
   if (mask) P.M = gen(m * n, um, false);
   const double s = 1.3;
   const EtaParams<double> eta{4.0, 0.01, 100.0};
-  const double gs[kNumSums] = {0.7, -1.1, 0.9, 1.7, -0.4};
+  const double gt[kNumTerms] = {0.7, -1.1, 0.9, 1.7};  // dL/dterms, not all one
+  const double eps = 1e-12;
 
   auto tB = to_type<T>(P.B), tA = to_type<T>(P.A), tBa = to_type<T>(P.Ba), tAa = to_type<T>(P.Aa);
   auto tF = to_type<TM>(P.F), tH = to_type<TM>(P.H), tM = to_type<TM>(P.M);
@@ -220,24 +221,30 @@ static bool run_case(const char* name, int64_t m, int64_t n, int64_t r, int64_t 
   a.Ba = P.ra ? tBa.data() : nullptr, a.Aa = P.ra ? tAa.data() : nullptr;
   a.F = fisher ? tF.data() : nullptr, a.H = task ? tH.data() : nullptr, a.M = mask ? tM.data() : nullptr;
   a.scale = Acc(s);
+  a.eps = Acc(eps);
   a.eta = EtaParams<Acc>{Acc(4.0), Acc(0.01), Acc(100.0)};
 
-  Acc sums[kNumSums];
-  emu_fwd(a, slots, sums);
+  Acc sums[kNumSums], terms[kNumTerms];
+  emu_fwd(a, slots, terms, sums);
   std::vector<T> dB(m * r), dA(r * n), dBa(m * P.ra), dAa(P.ra * n);
   fill_nan(dB), fill_nan(dA), fill_nan(dBa), fill_nan(dAa);
-  // The CUDA kernels take the incoming grads from device memory (gs_dev; here host memory plays the device's part).
-  // The host copy gs is left NaN: reading it instead would poison every gradient.
+  // The CUDA kernels take dL/dterms and the sums from device memory (gt_dev, S_dev; here host memory plays the
+  // device's part). The host copy gs is left NaN: reading it instead would poison every gradient.
   TermsGrads<T, Acc> g;
-  std::vector<Acc> gs_dev(kNumSums);
-  for (int k = 0; k < kNumSums; ++k) gs_dev[k] = Acc(gs[k]);
+  std::vector<Acc> gt_dev(kNumTerms);
+  for (int k = 0; k < kNumTerms; ++k) gt_dev[k] = Acc(gt[k]);
   for (int k = 0; k < kNumSums; ++k) g.gs[k] = std::numeric_limits<Acc>::quiet_NaN();
-  g.gs_dev = gs_dev.data();
+  g.gt_dev = gt_dev.data();
+  g.S_dev = sums;
   g.dB = dB.data(), g.dA = dA.data(), g.dBa = P.ra ? dBa.data() : nullptr, g.dAa = P.ra ? dAa.data() : nullptr;
   emu_bwd(a, g, slots);
 
-  double rs[kNumSums];
+  // The oracle in double: its sums first (any gs), then dL/dsums from dL/dterms through its own sums.
+  double rs[kNumSums], gs[kNumSums] = {0, 0, 0, 0, 0}, rt[kNumTerms];
   std::vector<double> rB, rA, rBa, rAa;
+  oracle(P, s, eta, gs, rs, rB, rA, rBa, rAa);
+  grad_sums_from_grad_terms(rs, gt, double(m) * double(n), eps, gs);
+  terms_from_sums(rs, double(m) * double(n), eps, rt);
   oracle(P, s, eta, gs, rs, rB, rA, rBa, rAa);
 
   bool ok = true;
@@ -247,6 +254,14 @@ static bool run_case(const char* name, int64_t m, int64_t n, int64_t r, int64_t 
     if (!(e <= tol) && std::fabs(rs[k]) > 1e-30) {
       ok = false;
       std::printf("  sum %d: %.10g vs %.10g\n", k, double(sums[k]), rs[k]);
+    }
+    worst = std::max(worst, e);
+  }
+  for (int k = 0; k < kNumTerms; ++k) {
+    const double e = std::fabs(double(terms[k]) - rt[k]) / std::max(std::fabs(rt[k]), 1e-30);
+    if (!(e <= tol) && std::fabs(rt[k]) > 1e-30) {
+      ok = false;
+      std::printf("  term %d: %.10g vs %.10g\n", k, double(terms[k]), rt[k]);
     }
     worst = std::max(worst, e);
   }

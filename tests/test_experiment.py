@@ -169,3 +169,23 @@ def test_task_splits_and_scorer():
                            [{"kind": "add", "answer": "42"}, {"kind": "upper", "answer": "APPLE RIVER"},
                             {"kind": "upper", "answer": "APPLE RIVER"}])
     assert sc["em"] == pytest.approx(2 / 3)
+
+
+def test_ablation_seeds_plan_and_order(tmp_path):
+    """`ablation_seeds` runs the five ablations on fewer seeds; the main methods keep `seeds`; the report stage's
+    key changes with it (so a different seed plan never reuses a stale report)."""
+    from agl.experiment.config import ExperimentConfig
+    from agl.experiment.pipeline import _stage_plan
+
+    cfg = ExperimentConfig(out=str(tmp_path), seeds=[0, 1], ablation_seeds=[0], methods=["lora", "no_task", "ewc"])
+    assert cfg.seeds_for("no_task") == [0] and cfg.seeds_for("lora") == [0, 1] and cfg.seeds_for("ewc") == [0, 1]
+    plan = _stage_plan(cfg)
+    runs = sorted(n for n in plan if n.startswith("finetune/"))
+    assert runs == ["finetune/ewc-s0", "finetune/ewc-s1", "finetune/lora-s0", "finetune/lora-s1",
+                    "finetune/no_task-s0"]
+    same = _stage_plan(cfg.replace(ablation_seeds=None))
+    assert "finetune/no_task-s1" in same
+    assert same["report"].hash != plan["report"].hash
+    assert same["finetune/no_task-s0"].hash == plan["finetune/no_task-s0"].hash  # runs are shared between plans
+    with pytest.raises(ValueError, match="ablation_seeds"):
+        ExperimentConfig(ablation_seeds=[])

@@ -40,6 +40,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="where to train and generate (cuda: same run, fast)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
     p.add_argument("--seeds", type=_csv(int), metavar="S,S,...", help="fine-tune seeds")
+    p.add_argument("--ablation-seeds", type=_csv(int), dest="ablation_seeds", metavar="S,S,...",
+                   help="seeds for the five ablations only (default: --seeds)")
     p.add_argument("--methods", type=_csv(str), metavar="M,M,...",
                    help="methods: lora, agl, no_fisher, no_task, no_collision, overlap_only, geodesic_only, ewc")
     p.add_argument("--steps", type=int, metavar="N", help="fine-tune steps per run")
@@ -55,8 +57,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-_FLAG_FIELDS = ("out", "model", "device", "dtype", "seeds", "methods", "steps", "lr", "lambda_align", "ewc_lambda",
-                "sweep_agl", "sweep_ewc", "threads")
+_FLAG_FIELDS = ("out", "model", "device", "dtype", "seeds", "ablation_seeds", "methods", "steps", "lr",
+                "lambda_align", "ewc_lambda", "sweep_agl", "sweep_ewc", "threads")
 
 
 def config_from_args(args, base=None):

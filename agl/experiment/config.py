@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = [
-    "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "demo_config", "load_config", "stable_hash", "method_settings",
+    "ABLATIONS", "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "demo_config", "load_config", "stable_hash", "method_settings",
 ]
 
 # the methods, in report order
 ALL_METHODS = ("lora", "agl", "no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only", "ewc")
+ABLATIONS = ("no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only")
 
 
 def stable_hash(obj: Any) -> str:
@@ -42,6 +43,8 @@ class ExperimentConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     methods: List[str] = field(default_factory=lambda: list(ALL_METHODS))
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
+    # seeds for the five ablations (None: `seeds`); fewer seeds there buys the main methods more on a small machine
+    ablation_seeds: Optional[List[int]] = None
 
     # --- stage 1: aligned start (LoRA SFT on calibration prompts, then merged)
     align_n_unsafe: int = 160
@@ -116,6 +119,8 @@ class ExperimentConfig:
             raise ValueError("`methods` is empty")
         if not self.seeds:
             raise ValueError("`seeds` is empty")
+        if self.ablation_seeds is not None and not self.ablation_seeds:
+            raise ValueError("`ablation_seeds` is empty (use null for the same seeds as `seeds`)")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"`device` must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -133,6 +138,12 @@ class ExperimentConfig:
 
     def replace(self, **kw) -> "ExperimentConfig":
         return dataclasses.replace(self, **kw)
+
+    def seeds_for(self, method: str) -> List[int]:
+        """The seeds ``method`` runs with: ``ablation_seeds`` for the ablations (when set), else ``seeds``."""
+        if self.ablation_seeds is not None and method in ABLATIONS:
+            return list(self.ablation_seeds)
+        return list(self.seeds)
 
     def key(self, names: Sequence[str]) -> Dict[str, Any]:
         return {n: getattr(self, n) for n in names}

@@ -168,7 +168,7 @@ def _stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
     for m in cfg.methods:
         st = method_settings(cfg, m)
         up = ["aligned_start", "task_data"] + (["alignment_state"] if st["kind"] != "lora" else [])
-        for s in cfg.seeds:
+        for s in cfg.seeds_for(m):
             add(f"finetune/{m}-s{s}", "finetune", up, extra={"settings": st, "seed": s})
             add(f"evaluate/{m}-s{s}", "evaluate", [f"finetune/{m}-s{s}", "task_data"],
                 extra={"eval_version": EVAL_VERSION})
@@ -183,7 +183,8 @@ def _stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
                    "task_max_new_tokens": cfg.task_max_new_tokens})
     up = [n for n in S]
     add("report", None, up, extra={"n_boot": cfg.n_boot, "law_with_offset": cfg.law_with_offset,
-                                   "methods": list(cfg.methods), "seeds": list(cfg.seeds)})
+                                   "methods": list(cfg.methods),
+                                   "seeds": {m: cfg.seeds_for(m) for m in cfg.methods}})
     return S
 
 
@@ -346,9 +347,11 @@ def run_pipeline(cfg: ExperimentConfig, *, model_factory: Optional[Callable] = N
         "alignment_state": _build_alignment_state, "task_data": _build_task_data,
     }
     order = ["task_data", "aligned_start", "eval_start", "alignment_state"]
-    for seed in cfg.seeds:  # seed by seed, so an interrupted run already has complete seeds
+    all_seeds = dict.fromkeys([*cfg.seeds, *(cfg.ablation_seeds or [])])  # ordered, no repeats
+    for seed in all_seeds:  # seed by seed, so an interrupted run already has complete seeds
         for m in cfg.methods:
-            order += [f"finetune/{m}-s{seed}", f"evaluate/{m}-s{seed}"]
+            if seed in cfg.seeds_for(m):
+                order += [f"finetune/{m}-s{seed}", f"evaluate/{m}-s{seed}"]
     order += [n for n in ctx.stages if n.startswith("sweep/")]
     order += ["report"]
     summary = {}

@@ -130,11 +130,12 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str) -> dict:
         "methods": {},
     }
     avg: Dict[str, List[dict]] = {}
+    runs: Dict[str, Dict[int, List[dict]]] = {}  # method -> seed -> DriftCaps records
     curves: Dict[str, List[List[dict]]] = {}
     for m in cfg.methods:
         per_seed = []
         recs_runs, curve_runs = [], []
-        for s in cfg.seeds:
+        for s in cfg.seeds_for(m):
             d = _read(os.path.join(paths[f"evaluate/{m}-s{s}"], "drift.json"))
             t = _read(os.path.join(paths[f"evaluate/{m}-s{s}"], "task.json"))
             log = _read(os.path.join(paths[f"finetune/{m}-s{s}"], "train_log.json"))
@@ -151,6 +152,7 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str) -> dict:
             recs_runs.append(d["records"])
             curve_runs.append(log["curve"])
         avg[m] = _avg_records(recs_runs)
+        runs[m] = dict(zip(cfg.seeds_for(m), recs_runs))
         curves[m] = curve_runs
         law = _fit_law(curve_runs, cfg)
         mean = lambda k: _nanmean([p[k] for p in per_seed])  # noqa: E731
@@ -163,7 +165,7 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str) -> dict:
             "task_em": mean("task_em"), "task_em_sd": float(np.std(ems, ddof=1)) if len(ems) > 1 else None,
             "delta_align_loss": mean("delta_align_loss"),
             "law_A": law["A"], "law_beta": law["beta"], "law_A_ci": law["A_ci"], "law_beta_ci": law["beta_ci"],
-            "law": law, "seeds": list(cfg.seeds), "per_seed": per_seed,
+            "law": law, "seeds": cfg.seeds_for(m), "per_seed": per_seed,
         }
     if "lora" in avg:
         for m in cfg.methods:
@@ -171,10 +173,13 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str) -> dict:
             if m == "lora":
                 entry["drift_reduction"], entry["drift_reduction_ci"] = 0.0, [0.0, 0.0]
                 continue
+            # paired by seed: LoRA averaged over the seeds this method ran (an ablation may have fewer)
+            shared = [s for s in cfg.seeds_for(m) if s in runs["lora"]]
+            lora_avg = _avg_records([runs["lora"][s] for s in shared]) if shared else avg["lora"]
             try:
-                dr = drift_reduction(before, avg["lora"], avg[m], n_boot=cfg.n_boot, seed=0)
+                dr = drift_reduction(before, lora_avg, avg[m], n_boot=cfg.n_boot, seed=0)
                 entry["drift_reduction"], entry["drift_reduction_ci"] = dr["value"], dr["ci"]
-                entry["drift_reduction_detail"] = dr
+                entry["drift_reduction_detail"] = {**dr, "lora_seeds": shared}
             except ValueError as exc:
                 entry["drift_reduction_error"] = str(exc)
     report["goals"] = _goals(report)
@@ -223,14 +228,14 @@ def _f(x, pct=False, digits=3):
 
 
 def markdown_table(report: dict) -> str:
-    head = ("| method | RR_unsafe after | drift | drift reduction vs LoRA (95% CI) | over-refusal | task EM | "
-            "ΔL_align | A (95% CI) | β (95% CI) |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | seeds | RR_unsafe after | drift | drift reduction vs LoRA (95% CI) | over-refusal | task EM | "
+            "ΔL_align | A (95% CI) | β (95% CI) |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for m, e in report["methods"].items():
         ci = e.get("drift_reduction_ci") or [None, None]
         aci, bci = e.get("law_A_ci") or [None, None], e.get("law_beta_ci") or [None, None]
         rows.append(
-            f"| {e.get('label', m)} | {_f(e['rr_unsafe_after'], True)} | {_f(e['drift'], True)} | "
+            f"| {e.get('label', m)} | {len(e.get('seeds') or [])} | {_f(e['rr_unsafe_after'], True)} | {_f(e['drift'], True)} | "
             f"{_f(e['drift_reduction'], True)} [{_f(ci[0], True)}, {_f(ci[1], True)}] | "
             f"{_f(e['over_refusal'], True)} | {_f(e['task_em'], True)} | {_f(e['delta_align_loss'])} | "
             f"{_f(e['law_A'])} [{_f(aci[0])}, {_f(aci[1])}] | {_f(e['law_beta'])} [{_f(bci[0])}, {_f(bci[1])}] |")
@@ -241,9 +246,11 @@ def markdown_report(report: dict) -> str:
     a = report["aligned_start"]
     cfg = report.get("config", {})
     env = report.get("environment", {})
+    abl = cfg.get("ablation_seeds")
+    seeds = f"{cfg.get('seeds')}" + ("" if abl is None else f" (ablations: {abl})")
     lines = [
         "# AGL experiment report", "",
-        f"Model `{cfg.get('model')}` on {cfg.get('device')}; seeds {cfg.get('seeds')}; {cfg.get('steps')} fine-tune "
+        f"Model `{cfg.get('model')}` on {cfg.get('device')}; seeds {seeds}; {cfg.get('steps')} fine-tune "
         f"steps (batch {cfg.get('batch')}, lr {cfg.get('lr')}, LoRA r={cfg.get('rank')} on {cfg.get('targets')}).",
         f"git {env.get('git_revision')}{' (dirty)' if env.get('git_dirty') else ''}; torch {env.get('torch')}; "
         f"{env.get('cpus')} CPUs; {env.get('cuda') or 'no GPU'}.", "",

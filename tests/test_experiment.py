@@ -189,3 +189,23 @@ def test_ablation_seeds_plan_and_order(tmp_path):
     assert same["finetune/no_task-s0"].hash == plan["finetune/no_task-s0"].hash  # runs are shared between plans
     with pytest.raises(ValueError, match="ablation_seeds"):
         ExperimentConfig(ablation_seeds=[])
+
+
+def test_ablation_on_fewer_seeds_is_paired_with_lora_on_the_same_seeds(tmp_path):
+    from agl.experiment.pipeline import run_pipeline
+
+    cfg = tiny_config(tmp_path / "run").replace(methods=["lora", "no_task"], seeds=[0, 1], ablation_seeds=[1],
+                                                sweep_agl=[], sweep_ewc=[])
+    res = run_pipeline(cfg, model_factory=tiny_factory, progress=False)
+    runs = sorted(n for n in res["stages"] if n.startswith("finetune/"))
+    assert runs == ["finetune/lora-s0", "finetune/lora-s1", "finetune/no_task-s1"]
+    rep = res["report"]
+    assert rep["methods"]["lora"]["seeds"] == [0, 1] and rep["methods"]["no_task"]["seeds"] == [1]
+    assert [p["seed"] for p in rep["methods"]["no_task"]["per_seed"]] == [1]
+    detail = rep["methods"]["no_task"].get("drift_reduction_detail")
+    if detail is not None:  # absent only when LoRA did not drift on this tiny model (a ValueError, recorded)
+        assert detail["lora_seeds"] == [1]
+    else:
+        assert "drift_reduction_error" in rep["methods"]["no_task"]
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "(ablations: [1])" in md and "| seeds |" in md

@@ -90,6 +90,12 @@ def test_pipeline_end_to_end(tmp_path):
         assert isinstance(e["drift_reduction_ci"], list) and len(e["drift_reduction_ci"]) == 2
     assert rep["methods"]["lora"]["drift_reduction"] == 0.0
     assert len(rep["sweep"]) == 3
+    # the sweep's λ=0 point is the main LoRA run (same settings, seed 0): evaluated on dev, not trained again
+    lora0 = json.loads((out / "sweep" / "lora-l0" / "sweep.json").read_text())
+    lora_log = json.loads((out / "finetune" / "lora-s0" / "train_log.json").read_text())
+    assert lora0["source"] == "finetune/lora-s0"
+    assert lora0["delta_align_loss"] == lora_log["curve"][-1]["delta_align_loss"]
+    assert json.loads((out / "sweep" / "agl-l1000" / "sweep.json").read_text())["source"] == "trained"
     log = json.loads((out / "finetune" / "agl-s0" / "train_log.json").read_text())
     assert [c["step"] for c in log["curve"]] == [0, 1, 2, 3, 4]
     assert log["terms"] and "align" in log["terms"][-1]

@@ -307,16 +307,34 @@ def _build_evaluate(ctx: Context, stage: Stage, method: str, seed: int):
     return build
 
 
+def _same_training(ctx: Context, settings: dict, seed: int) -> Optional[str]:
+    """The main-run fine-tune stage (``finetune/<method>-s<seed>``) that trained with exactly these regulariser
+    settings and this seed and is complete, or None. Its training is what the sweep point would repeat (same fields,
+    data order and seed), so the sweep only adds the dev-split evaluation."""
+    for m in ctx.cfg.methods:
+        name = f"finetune/{m}-s{seed}"
+        st = ctx.stages.get(name)
+        if st is not None and st.key["settings"] == settings and st.status() is None:
+            return name
+    return None
+
+
 def _build_sweep(ctx: Context, stage: Stage):
     from agl.experiment.evaluation import task_eval
 
     def build(tmp):
         cfg = ctx.cfg
-        model, log = _train(ctx, stage.key["settings"], cfg.sweep_seed, desc=f"sweep {stage.name[6:]}")
+        source = _same_training(ctx, stage.key["settings"], cfg.sweep_seed)
+        if source is not None:  # a main run trained exactly this: evaluate its adapter on the dev split
+            method, seed = source.split("/", 1)[1].rsplit("-s", 1)
+            model, _ = ctx.tuned(method, int(seed))
+            log = _read_json(os.path.join(ctx.stages[source].path, "train_log.json"))
+        else:
+            model, log = _train(ctx, stage.key["settings"], cfg.sweep_seed, desc=f"sweep {stage.name[6:]}")
         task = task_eval(model, ctx._tok, _task_records(ctx, "dev"), max_new_tokens=cfg.task_max_new_tokens,
                          batch_size=cfg.task_eval_batch, device=cfg.device, progress=ctx.progress, desc="dev EM")
         atomic_write_json(os.path.join(tmp, "sweep.json"), {
-            "settings": stage.key["settings"], "dev_em": task["em"],
+            "settings": stage.key["settings"], "source": source or "trained", "dev_em": task["em"],
             "delta_align_loss": log["curve"][-1]["delta_align_loss"], "curve": log["curve"]})
 
     return build

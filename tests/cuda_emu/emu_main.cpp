@@ -249,22 +249,18 @@ static bool run_case(const char* name, int64_t m, int64_t n, int64_t r, int64_t 
 
   bool ok = true;
   double worst = 0;
-  for (int k = 0; k < kNumSums; ++k) {
-    const double e = std::fabs(double(sums[k]) - rs[k]) / std::max(std::fabs(rs[k]), 1e-30);
-    if (!(e <= tol) && std::fabs(rs[k]) > 1e-30) {
-      ok = false;
-      std::printf("  sum %d: %.10g vs %.10g\n", k, double(sums[k]), rs[k]);
+  auto cmp_scalars = [&](const char* what, const Acc* x, const double* ref, int count) {
+    for (int k = 0; k < count; ++k) {
+      const double e = std::fabs(double(x[k]) - ref[k]) / std::max(std::fabs(ref[k]), 1e-30);
+      if (!(e <= tol) && std::fabs(ref[k]) > 1e-30) {
+        ok = false;
+        std::printf("  %s %d: %.10g vs %.10g\n", what, k, double(x[k]), ref[k]);
+      }
+      worst = std::max(worst, e);
     }
-    worst = std::max(worst, e);
-  }
-  for (int k = 0; k < kNumTerms; ++k) {
-    const double e = std::fabs(double(terms[k]) - rt[k]) / std::max(std::fabs(rt[k]), 1e-30);
-    if (!(e <= tol) && std::fabs(rt[k]) > 1e-30) {
-      ok = false;
-      std::printf("  term %d: %.10g vs %.10g\n", k, double(terms[k]), rt[k]);
-    }
-    worst = std::max(worst, e);
-  }
+  };
+  cmp_scalars("sum", sums, rs, kNumSums);
+  cmp_scalars("term", terms, rt, kNumTerms);
   auto cmp = [&](const char* what, const std::vector<T>& x, const std::vector<double>& ref) {
     std::vector<double> xd(x.size());
     for (size_t i = 0; i < x.size(); ++i) xd[i] = double(static_cast<Acc>(x[i]));

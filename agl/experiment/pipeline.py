@@ -308,14 +308,14 @@ def _build_evaluate(ctx: Context, stage: Stage, method: str, seed: int):
 
 
 def _same_training(ctx: Context, settings: dict, seed: int) -> Optional[str]:
-    """The main-run fine-tune stage (``finetune/<method>-s<seed>``) that trained with exactly these regulariser
+    """The method whose main-run fine-tune (``finetune/<method>-s<seed>``) trained with exactly these regulariser
     settings and this seed and is complete, or None. Its training is what the sweep point would repeat (same fields,
     data order and seed), so the sweep only adds the dev-split evaluation."""
     for m in ctx.cfg.methods:
         name = f"finetune/{m}-s{seed}"
         st = ctx.stages.get(name)
         if st is not None and st.key["settings"] == settings and st.status() is None:
-            return name
+            return m
     return None
 
 
@@ -324,10 +324,10 @@ def _build_sweep(ctx: Context, stage: Stage):
 
     def build(tmp):
         cfg = ctx.cfg
-        source = _same_training(ctx, stage.key["settings"], cfg.sweep_seed)
-        if source is not None:  # a main run trained exactly this: evaluate its adapter on the dev split
-            method, seed = source.split("/", 1)[1].rsplit("-s", 1)
-            model, _ = ctx.tuned(method, int(seed))
+        method, source = _same_training(ctx, stage.key["settings"], cfg.sweep_seed), None
+        if method is not None:  # a main run trained exactly this: evaluate its adapter on the dev split
+            source = f"finetune/{method}-s{cfg.sweep_seed}"
+            model, _ = ctx.tuned(method, cfg.sweep_seed)
             log = _read_json(os.path.join(ctx.stages[source].path, "train_log.json"))
         else:
             model, log = _train(ctx, stage.key["settings"], cfg.sweep_seed, desc=f"sweep {stage.name[6:]}")

@@ -1,0 +1,95 @@
+"""File I/O used everywhere in ``agl``: atomic writes and JSON Lines.
+
+An atomic write goes to a temporary file in the target's own folder, is flushed and fsync'ed, then ``os.replace``d
+over the target: a reader (or an interrupted run) sees the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, List, Union
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_jsonl", "write_jsonl", "json_default"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps`` fallback: numpy scalars/arrays and 0-dim tensors become Python numbers/lists."""
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(f"object of type {type(o).__name__} is not JSON serialisable")
+
+
+def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
+    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default) + "\n")
+
+
+def read_jsonl(path: PathLike, *, missing_ok: bool = False, tolerate_torn_tail: bool = False) -> List[dict]:
+    """Records of a JSON Lines file (blank lines skipped).
+
+    ``missing_ok``: a missing file reads as no records. ``tolerate_torn_tail``: a last line cut by an interruption
+    (an append-only cache) is dropped instead of raising; a bad line anywhere else always raises a ValueError that
+    names the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"no such JSONL file: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out: List[dict] = []
+    for i, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError as exc:
+            if tolerate_torn_tail and all(not rest.strip() for rest in lines[i:]):
+                break
+            raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from None
+    return out
+
+
+def write_jsonl(path: PathLike, records: Iterable[dict]) -> None:
+    """Write ``records`` as JSON Lines to ``path`` atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=json_default) + "\n" for r in records))

@@ -15,6 +15,10 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read
 
 PathLike = Union[str, os.PathLike]
 
+# mkstemp creates files 0600; an atomic write should give the mode a plain open() would (0666 less the umask)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (parent folders are created)."""
@@ -22,6 +26,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -39,7 +44,8 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 def json_default(o: Any) -> Any:
-    """``json.dumps`` fallback: numpy scalars/arrays and 0-dim tensors become Python numbers/lists."""
+    """``json.dumps`` fallback: numpy scalars/arrays and tensors become Python numbers/lists, objects with
+    ``to_dict()`` their dict, sets sorted lists, paths strings."""
     try:
         import numpy as np
 
@@ -51,6 +57,8 @@ def json_default(o: Any) -> Any:
         pass
     if hasattr(o, "tolist"):
         return o.tolist()
+    if hasattr(o, "to_dict"):  # result objects (reports, fits, configs) serialise as their dict
+        return o.to_dict()
     if isinstance(o, (set, frozenset)):
         return sorted(o)
     if isinstance(o, os.PathLike):

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from agl._io import read_jsonl, write_jsonl
+
 __all__ = [
-    "ModelFactory", "default_model_factory", "chat_batches", "generate", "mean_nll", "read_jsonl", "write_jsonl",
+    "ModelFactory", "default_model_factory", "chat_batches", "generate", "mean_nll",
     "torch_dtype", "lora_config", "set_seed",
 ]
 
@@ -30,28 +31,6 @@ def default_model_factory(spec: str, device: str, dtype: torch.dtype):
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def read_jsonl(path: str) -> List[dict]:
-    out = []
-    if not os.path.exists(path):
-        return out
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut by an interruption: ignore it (it is regenerated)
-                break
-    return out
-
-
-def write_jsonl(path: str, records: Iterable[dict]) -> None:
-    from agl.experiment.stages import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def lora_config(rank: int, alpha: int, targets, seed_dropout: float = 0.0):
@@ -151,8 +130,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     _ensure_pad(tokenizer)
     done: Dict[str, dict] = {}
     if cache:
-        for r in read_jsonl(cache):
+        for r in read_jsonl(cache, missing_ok=True, tolerate_torn_tail=True):
             done[r["prompt"]] = r
+        if done:  # rewritten without a torn last line, so the appends below start on a line of their own
+            write_jsonl(cache, list(done.values()))
     todo = [p for p in dict.fromkeys(prompts) if p not in done]
     todo.sort(key=len)  # similar lengths together: less padding
     was_training = model.training

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from agl.experiment._common import chat_batches, generate, lora_config, read_jsonl, set_seed, to_device, write_jsonl
+from agl._io import read_jsonl, write_jsonl
+from agl.experiment._common import chat_batches, generate, lora_config, set_seed, to_device
 
 __all__ = ["load_refusals", "build_alignment_data", "train_aligned_start", "load_aligned_model"]
 

@@ -23,7 +23,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from agl.experiment.config import EVAL_VERSION, STAGE_FIELDS, ExperimentConfig, method_settings
-from agl.experiment.stages import Stage, StageResult, atomic_write_json
+from agl._io import atomic_write_json
+from agl.experiment.stages import Stage, StageResult
 
 __all__ = ["run_pipeline", "Context"]
 
@@ -226,7 +227,7 @@ def _build_eval_start(ctx: Context, stage: Stage):
 
 
 def _holdout(ctx: Context) -> List[dict]:
-    from agl.experiment._common import read_jsonl
+    from agl._io import read_jsonl
 
     return read_jsonl(os.path.join(ctx.stages["aligned_start"].path, "holdout.jsonl"))
 
@@ -238,7 +239,8 @@ def _build_alignment_state(ctx: Context, stage: Stage):
         import torch
         from peft import get_peft_model
 
-        from agl.experiment._common import chat_batches, lora_config, read_jsonl
+        from agl._io import read_jsonl
+        from agl.experiment._common import chat_batches, lora_config
         from agl.fisher import estimate_alignment_state
 
         cfg = ctx.cfg

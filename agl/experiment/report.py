@@ -14,6 +14,7 @@ with ΔL_align <= 0 (no forgetting measured yet) are left out and counted.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -24,8 +25,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from agl._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from agl.experiment.config import ALL_METHODS
-from agl.experiment.stages import atomic_write_json, atomic_write_text
 
 __all__ = ["build_report", "markdown_table", "METHOD_FIELDS"]
 
@@ -276,9 +277,9 @@ def markdown_report(report: dict) -> str:
 
 
 def _save_fig(fig, path):
-    tmp = path + f".{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _plots(report, before, avg, curves, out_dir):

@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, List, Union
+from typing import Any, Iterable, Iterator, List, Tuple, Union
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_jsonl", "write_jsonl", "json_default"]
+__all__ = [
+    "atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "iter_jsonl", "read_jsonl", "write_jsonl", "json_default",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -20,22 +23,36 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (parent folders are created)."""
+@contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` for a writer that wants a file name (``safetensors.save_file``, ...).
+
+    On a normal exit the file is fsync'ed and ``os.replace``d over ``path``; on an exception it is removed and
+    ``path`` keeps its old content. Parent folders are created.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        os.close(fd)
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (parent folders are created)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -71,31 +88,38 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default) + "\n")
 
 
-def read_jsonl(path: PathLike, *, missing_ok: bool = False, tolerate_torn_tail: bool = False) -> List[dict]:
-    """Records of a JSON Lines file (blank lines skipped).
+def iter_jsonl(path: PathLike, *, missing_ok: bool = False,
+               tolerate_torn_tail: bool = False) -> Iterator[Tuple[int, dict]]:
+    """``(line number, record)`` of each JSON object in a JSON Lines file, read lazily (blank lines skipped), so a
+    caller that validates a schema can name the line of a bad record.
 
     ``missing_ok``: a missing file reads as no records. ``tolerate_torn_tail``: a last line cut by an interruption
-    (an append-only cache) is dropped instead of raising; a bad line anywhere else always raises a ValueError that
-    names the file and line.
+    (an append-only cache) is dropped instead of raising. A line that is not JSON, or not a JSON object, anywhere
+    else raises a ValueError that names the file and line.
     """
     path = Path(path)
-    if not path.exists():
-        if missing_ok:
-            return []
+    if missing_ok and not path.exists():
+        return
+    if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out: List[dict] = []
-    for i, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except ValueError as exc:
-            if tolerate_torn_tail and all(not rest.strip() for rest in lines[i:]):
-                break
-            raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from None
-    return out
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                if tolerate_torn_tail and not fh.read().strip():
+                    return
+                raise ValueError(f"{path}:{i}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object per line, got {type(rec).__name__}")
+            yield i, rec
+
+
+def read_jsonl(path: PathLike, *, missing_ok: bool = False, tolerate_torn_tail: bool = False) -> List[dict]:
+    """The records of a JSON Lines file: :func:`iter_jsonl` without the line numbers."""
+    return [rec for _, rec in iter_jsonl(path, missing_ok=missing_ok, tolerate_torn_tail=tolerate_torn_tail)]
 
 
 def write_jsonl(path: PathLike, records: Iterable[dict]) -> None:

@@ -8,12 +8,13 @@ Used by ``agl fisher`` and by the experiment scripts.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from agl._io import iter_jsonl
 
 __all__ = ["load_jsonl", "tokenize_chat", "build_chat_batches"]
 
@@ -24,22 +25,13 @@ def load_jsonl(path: str, keys: Sequence[str] = ("prompt", "response"), max_reco
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with keys {list(keys)}, got {type(rec).__name__}")
-            for k in keys:
-                if not isinstance(rec.get(k), str):
-                    raise ValueError(f"{path}:{lineno}: missing string field {k!r} (need {list(keys)})")
-            records.append(rec)
-            if max_records is not None and len(records) >= max_records:
-                break
+    for lineno, rec in iter_jsonl(path):
+        for k in keys:
+            if not isinstance(rec.get(k), str):
+                raise ValueError(f"{path}:{lineno}: missing string field {k!r} (need {list(keys)})")
+        records.append(rec)
+        if max_records is not None and len(records) >= max_records:
+            break
     if not records:
         raise ValueError(f"{path}: no records")
     return records

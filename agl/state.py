@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
+
+from agl._io import atomic_output
 
 __all__ = ["LayerState", "AlignmentState", "FORMAT_VERSION", "STATE_FILENAME"]
 
@@ -73,8 +74,6 @@ class AlignmentState:
         if fisher_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"agl: `fisher_dtype` must be float32, bfloat16, float16 or float64, got {fisher_dtype}")
         target = _resolve(path)
-        folder = os.path.dirname(target) or "."
-        os.makedirs(folder, exist_ok=True)
         tensors: Dict[str, Tensor] = {}
         layers_meta = {}
         for name, ls in self.layers.items():
@@ -101,17 +100,8 @@ class AlignmentState:
             "fisher_dtype": str(fisher_dtype).replace("torch.", ""),
             "options": self.options,
         }
-        fd, tmp = tempfile.mkstemp(prefix=".agl-tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"agl": json.dumps(meta, sort_keys=True)})
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_output(target) as tmp:
+            save_file(tensors, str(tmp), metadata={"agl": json.dumps(meta, sort_keys=True)})
         return target
 
     @classmethod

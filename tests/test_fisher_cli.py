@@ -75,7 +75,7 @@ def test_cli_fisher_end_to_end(tmp_path, model_dir, capsys):
     [
         (None, [], "no such file"),
         ('{"prompt": "a"}\n', [], "d.jsonl:1: missing string field 'response'"),
-        ('{"prompt": "a", "response": "b"}\nnot json\n', [], "d.jsonl:2: invalid JSON"),
+        ('{"prompt": "a", "response": "b"}\nnot json\n', [], "d.jsonl:2: not valid JSON"),
         ('{"prompt": "a", "response": "b"}\n', ["--max-samples", "0"], "--max-samples must be >= 1"),
         ('{"prompt": "a", "response": "b"}\n', ["--target-modules", "nope_proj"], "--target-modules"),
     ],

@@ -178,7 +178,7 @@ def _reduction(args) -> int:
     text = json.dumps(_jsonable(r), indent=2)
     print(text)
     if args.out:
-        from agl.driftcaps.report import atomic_write_text
+        from agl._io import atomic_write_text
 
         atomic_write_text(args.out, text + "\n")
     return 0

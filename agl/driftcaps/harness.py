@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from agl._io import atomic_write_text
 from agl.driftcaps.judge import default_judge
 from agl.driftcaps.metrics import _jsonable, summarise
 from agl.driftcaps.prompts import Prompt, load_prompts, prompts_from_records
@@ -87,8 +88,6 @@ class DriftReport:
 
     def save(self, path) -> None:
         """Write the JSON (everything: meta, metrics, every prompt/response/verdict), atomically."""
-        from agl.driftcaps.report import atomic_write_text
-
         atomic_write_text(path, self.to_json() + "\n")
 
 

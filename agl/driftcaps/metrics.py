@@ -23,6 +23,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from agl._io import atomic_write_text
+
 N_BOOT = 2000
 SEED = 0
 
@@ -182,8 +184,6 @@ class Comparison:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def save(self, path) -> None:
-        from agl.driftcaps.report import atomic_write_text
-
         atomic_write_text(path, self.to_json() + "\n")
 
 

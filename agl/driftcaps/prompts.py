@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from agl._io import iter_jsonl
 
 LABELS = ("unsafe", "safe")
 SPLITS = ("calibration", "eval")
@@ -148,22 +149,14 @@ def _prompt_from_dict(d: dict, *, where: str, source_name: str = "driftcaps") ->
 
 
 def _load_jsonl(path: Path, *, source_name: str) -> list[Prompt]:
-    out = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return [_prompt_from_dict(d, where=f"{path}:{n}", source_name=source_name) for n, d in iter_jsonl(path)]
+    except PromptFormatError:
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptFormatError(f"cannot read {path}: {exc}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptFormatError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(d, dict):
-            raise PromptFormatError(f"{path}:{n}: expected a JSON object per line")
-        out.append(_prompt_from_dict(d, where=f"{path}:{n}", source_name=source_name))
-    return out
+    except ValueError as exc:  # a line that is not a JSON object (iter_jsonl names file and line)
+        raise PromptFormatError(str(exc)) from None
 
 
 _HARMBENCH_COLS = {"behavior", "functionalcategory", "semanticcategory", "behaviorid"}

@@ -6,31 +6,10 @@ run never leaves a half-written report.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
-from agl.driftcaps.metrics import Comparison
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+from agl._io import atomic_write_bytes, atomic_write_text
+from agl.driftcaps.metrics import Comparison, _jsonable
 
 
 def _pct(x) -> str:
@@ -175,7 +154,5 @@ def write_report(obj, out_dir, *, name: str | None = None) -> dict[str, Path]:
 def write_drift_reduction(result: dict, path) -> None:
     """Save a :func:`~agl.driftcaps.drift_reduction` result as JSON (atomically)."""
     import json
-
-    from agl.driftcaps.metrics import _jsonable
 
     atomic_write_text(path, json.dumps(_jsonable(result), indent=2) + "\n")

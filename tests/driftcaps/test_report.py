@@ -7,7 +7,8 @@ import os
 import pytest
 
 from agl.driftcaps import DriftReport, compare, plot_refusal_rates, write_report
-from agl.driftcaps.report import atomic_write_text, comparison_markdown, report_markdown
+from agl._io import atomic_write_text
+from agl.driftcaps.report import comparison_markdown, report_markdown
 
 
 def _report(flip=False):

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from agl.errors import CLIError
+
 # subcommand -> module defining register(subparsers)
 _COMMANDS = {
     "fisher": "agl.fisher_cli",
@@ -14,10 +16,6 @@ _COMMANDS = {
     "experiment": "agl.experiment.cli",
     "demo": "agl.experiment.demo_cli",
 }
-
-
-class CLIError(Exception):
-    """An error to print as one line (no traceback) with a non-zero exit."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m agl.cli`: run the imported module's main, so CLIError raised by subcommands (which import
-    # agl.cli) is the class main() catches, not a copy defined in __main__.
-    from agl.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -5,6 +5,8 @@ import os
 import re
 from collections import OrderedDict
 
+from agl.errors import CLIError
+
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
 
@@ -59,8 +61,6 @@ def summarize(state) -> list:
 
 
 def run(args) -> int:
-    from agl.cli import CLIError
-
     for flag, v in (("--batch-size", args.batch_size), ("--max-length", args.max_length), ("--max-rank", args.max_rank), ("--rank", args.rank)):
         if v < 1:
             raise CLIError(f"{flag} must be >= 1, got {v}")

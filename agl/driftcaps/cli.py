@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from agl.cli import CLIError
+from agl.errors import CLIError
 
 
 def register(subparsers) -> None:

@@ -62,7 +62,7 @@ _FLAG_FIELDS = ("out", "model", "device", "dtype", "seeds", "ablation_seeds", "m
 
 
 def config_from_args(args, base=None):
-    from agl.cli import CLIError
+    from agl.errors import CLIError
     from agl.experiment.config import load_config
 
     overrides = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
@@ -114,7 +114,7 @@ def _user_errors() -> tuple:
 
 def run_from_args(args, base=None, banner: str = "") -> int:
     """Shared body of `agl experiment` and `agl demo`: build the config (flags over ``base``), run, summarise."""
-    from agl.cli import CLIError
+    from agl.errors import CLIError
     from agl.experiment.pipeline import run_pipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

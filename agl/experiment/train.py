@@ -78,7 +78,8 @@ def make_regulariser(model, state, settings: dict, backend: str = "auto"):
 
     cfg = AGLConfig(lambda_align=settings["lambda_align"], lambda_task=settings["lambda_task"],
                     lambda_collision=settings["lambda_collision"], alpha=settings["alpha"], beta=settings["beta"],
-                    tau=settings["tau"], sharpness=settings["sharpness"], backend=backend)
+                    tau=settings["tau"], sharpness=settings["sharpness"], backend=backend,
+                    units="paper")  # the experiment's λ are in the paper's raw units (means, Fisher of mean 1)
     return AGLLoss(model, state, cfg)
 
 

@@ -4,15 +4,21 @@ File format (``FORMAT_VERSION`` 1): one ``.safetensors`` file. Tensors are named
 ``"<layer>/U"`` (m x k) and ``"<layer>/V"`` (n x k'); the safetensors ``__metadata__`` holds one key, ``"agl"``, a JSON
 object ``{"format": "agl.alignment_state", "version": 1, "layers": {name: {"shape": [m, n], "rank_U": k|null,
 "rank_V": k'|null}}, "names": [layer order], "num_samples": N, "num_tokens": T, "fisher_scale": s, "fisher_dtype": "float32"|"bfloat16",
-"options": {...}}``. ``num_tokens`` (the labelled tokens that carried the loss) was added later within version 1: a file
-without it loads with ``num_tokens = 0`` (unknown), and readers that predate it ignore it.
+"options": {...}, "sha256": {tensor name: hex digest}}``. ``num_tokens`` (the labelled tokens that carried the loss) was
+added later within version 1: a file without it loads with ``num_tokens = 0`` (unknown), and readers that predate it
+ignore it. ``sha256`` (also added within version 1; older readers ignore it) is a digest per tensor of its name,
+dtype, shape and bytes: ``load`` recomputes it and refuses a file whose tensors changed after saving (a flipped bit in
+the Fisher would otherwise load silently and change the regulariser); a file without it (an older save) loads with a
+warning.
 ``m x n`` is the base weight's shape as stored (``(out, in)`` for ``nn.Linear``, ``(in, out)`` for ``fan_in_fan_out``).
 Loading never unpickles (safetensors only); saving is atomic (temporary file in the same folder, then ``os.replace``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -43,6 +49,36 @@ class LayerState:
     @property
     def shape(self) -> tuple:
         return tuple(self.fisher.shape)
+
+
+def tensor_digest(name: str, t: Tensor) -> str:
+    """sha256 hex digest of one stored tensor: its name, dtype, shape and raw bytes (CPU, contiguous), each
+    length-prefixed so no two different (name, dtype, shape, bytes) give the same stream."""
+    t = t.detach().to("cpu").contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    h = hashlib.sha256()
+    for part in (name.encode(), str(t.dtype).encode(), json.dumps(list(t.shape)).encode(), raw):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _verify_digests(target: str, recorded: Optional[Dict[str, str]], tensors: Dict[str, Tensor]) -> None:
+    """Raise a ValueError naming ``target`` and every tensor whose digest differs from the header's ``sha256``;
+    warn when the header has none (a file saved by an older agl)."""
+    if recorded is None:
+        warnings.warn(f"agl: {target!r} has no tensor checksum (saved by an older agl): its Fisher and subspaces "
+                      "cannot be verified; save it again to add one", UserWarning, stacklevel=3)
+        return
+    problems = [f"{n}: in the header, missing from the file" for n in sorted(set(recorded) - set(tensors))]
+    problems += [f"{n}: in the file, not in the header's checksum" for n in sorted(set(tensors) - set(recorded))]
+    for n in sorted(set(recorded) & set(tensors)):
+        actual = tensor_digest(n, tensors[n])
+        if actual != recorded[n]:
+            problems.append(f"{n}: sha256 {actual[:16]}… but the header records {recorded[n][:16]}…")
+    if problems:
+        raise ValueError(f"agl: {target!r} is corrupt: its tensors do not match the checksum recorded when it was "
+                         f"saved ({len(problems)} mismatch(es)):\n  " + "\n  ".join(problems))
 
 
 def _resolve(path: str) -> str:
@@ -122,6 +158,7 @@ class AlignmentState:
             "fisher_scale": float(self.fisher_scale),
             "fisher_dtype": str(fisher_dtype).replace("torch.", ""),
             "options": self.options,
+            "sha256": {n: tensor_digest(n, t) for n, t in tensors.items()},
         }
         with atomic_output(target) as tmp:
             save_file(tensors, str(tmp), metadata={"agl": json.dumps(meta, sort_keys=True)})
@@ -129,14 +166,15 @@ class AlignmentState:
 
     @classmethod
     def load(cls, path: str, *, device: str | torch.device = "cpu") -> "AlignmentState":
-        """Read a state written by :meth:`save` (never unpickles). Raises ``ValueError`` for a missing or foreign file."""
+        """Read a state written by :meth:`save` (never unpickles). Raises ``ValueError`` for a missing or foreign file
+        and for one whose tensors do not match the checksum in its header; warns for a file without one."""
         from safetensors import safe_open
 
         target = _resolve(path)
         if not os.path.isfile(target):
             raise ValueError(f"agl: no alignment state at {target!r} (expected a file written by AlignmentState.save)")
         try:
-            f = safe_open(target, framework="pt", device=str(device))
+            f = safe_open(target, framework="pt", device="cpu")  # verified on the CPU, then moved
         except Exception as exc:  # safetensors raises its own error types
             raise ValueError(f"agl: {target!r} is not a readable safetensors file ({exc})") from exc
         with f:
@@ -151,16 +189,18 @@ class AlignmentState:
                     f"agl: {target!r} has format version {meta['version']}, newer than this agl reads ({FORMAT_VERSION}); "
                     "upgrade agl"
                 )
-            keys = set(f.keys())
-            layers = {}
-            for name in meta.get("names", list(meta["layers"])):
-                lm = meta["layers"][name]
-                fisher = f.get_tensor(f"{name}/fisher")
-                if list(fisher.shape) != list(lm["shape"]):
-                    raise ValueError(f"agl: {target!r} is corrupt: {name}/fisher has shape {tuple(fisher.shape)}, header says {lm['shape']}")
-                U = f.get_tensor(f"{name}/U") if f"{name}/U" in keys else None
-                V = f.get_tensor(f"{name}/V") if f"{name}/V" in keys else None
-                layers[name] = LayerState(fisher, U, V)
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        _verify_digests(target, meta.get("sha256"), stored)
+        layers = {}
+        for name in meta.get("names", list(meta["layers"])):
+            lm = meta["layers"][name]
+            fisher = stored.get(f"{name}/fisher")
+            if fisher is None:
+                raise ValueError(f"agl: {target!r} is corrupt: the header lists layer {name!r} but the file has no {name}/fisher")
+            if list(fisher.shape) != list(lm["shape"]):
+                raise ValueError(f"agl: {target!r} is corrupt: {name}/fisher has shape {tuple(fisher.shape)}, header says {lm['shape']}")
+            U, V = stored.get(f"{name}/U"), stored.get(f"{name}/V")
+            layers[name] = LayerState(*(None if t is None else t.to(device) for t in (fisher, U, V)))
         return cls(layers, int(meta.get("num_samples", 0)), float(meta.get("fisher_scale", 1.0)), dict(meta.get("options", {})),
                    int(meta.get("num_tokens", 0)))
 

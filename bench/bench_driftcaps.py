@@ -5,15 +5,14 @@ one prompt at a time, on a small stratified subset of the built-in eval prompts 
 
 The default is sized for a quiet CPU; on a loaded 2-core machine use e.g. --n 8 --batch 8.
 
-Prints a table and writes bench/results/driftcaps_<device>.json. Not a test: numbers depend on the machine and its
-load (the JSON records the CPU count, torch threads and load average).
+Prints a table and adds a row to bench/results/driftcaps_<device>.json (bench/_results.py: one row per configuration
+and commit). Not a test: numbers depend on the machine and its load (each row's provenance records the CPU, its
+cores, the load average at the start and the commit).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -22,6 +21,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
+from _results import RESULTS, append_rows, provenance  # noqa: E402  (bench/_results.py)
+
+ROW_KEY = ("bench", "model", "device", "threads", "max_new_tokens", "n_prompts", "batch")
 
 
 def subset(n: int):
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    prov = provenance()  # at the start: the load the run began under
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -83,20 +86,12 @@ def main() -> None:
     print(f"batched speed-up: {speedup:.2f}x (model load {load_s:.1f} s)")
     result = {
         "bench": "driftcaps_evaluate", "model": args.model, "device": args.device,
-        "max_new_tokens": args.max_new_tokens, "rows": rows, "batched_speedup": round(speedup, 3),
-        "model_load_s": round(load_s, 1), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-        "load_average": os.getloadavg(), "python": platform.python_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens, "n_prompts": len(prompts),
+        "batch": args.batch, "rows": rows, "batched_speedup": round(speedup, 3), "model_load_s": round(load_s, 1),
+        "torch": torch.__version__,
     }
-    out_dir = os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"driftcaps_{args.device.split(':')[0]}.json")
-    from agl.driftcaps.metrics import _jsonable
-
-    with open(path + ".tmp", "w") as fh:
-        json.dump(_jsonable(result), fh, indent=2)  # NaN -> null
-    os.replace(path + ".tmp", path)
+    path = RESULTS / f"driftcaps_{args.device.split(':')[0]}.json"
+    append_rows(path, [result], prov, key=ROW_KEY)  # NaN -> null there
     print(f"wrote {path}")
 
 

@@ -7,14 +7,13 @@
 Both methods do the same arithmetic per sample (a T x m x n product for G_i, or for W0.grad, plus the same moment
 updates and one eigh per layer); the hooks save the per-sample passes' fixed costs and use batch-8 matmuls. On a
 few CPU cores, where a single 64-token sample already keeps the matmuls busy, the gain is therefore smaller than on a
-GPU, where a batch-1 pass leaves the device mostly idle. Prints a table and writes bench/results/bench_fisher.json.
+GPU, where a batch-1 pass leaves the device mostly idle. Prints a table and adds a row to
+bench/results/bench_fisher.json (bench/_results.py: one row per configuration and commit, with provenance).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
+from _results import append_rows, provenance  # noqa: E402  (bench/_results.py, same directory)
+
+ROW_KEY = ("bench", "device", "threads", "hidden", "layers", "vocab", "seq", "samples", "batch")
 
 
 def build(hidden: int, layers: int, vocab: int, r: int):
@@ -61,6 +63,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_fisher.json"))
     args = ap.parse_args(argv)
+    prov = provenance()  # at the start: the load the run began under
 
     from agl.fisher import estimate_alignment_state, estimate_alignment_state_loop
 
@@ -100,11 +103,10 @@ def main(argv=None):
         print(f"{name:<18}{r['samples_per_s']:>12.2f}{r['median_s']:>12.3f}{r['median_cpu_s']:>10.2f}")
     print(f"speed-up {speedup:.1f}x wall, {speedup_cpu:.1f}x process CPU time (target >= 5x); "
           f"max rel. difference of F {err:.1e}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"bench": "fisher", "config": vars(args), "results": results, "speedup": speedup, "speedup_cpu_time": speedup_cpu, "max_rel_diff_F": err,
-                   "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
+    row = {"bench": "fisher", **{k: v for k, v in vars(args).items() if k not in ("out", "threads")},
+           "threads": torch.get_num_threads(), "results": results, "speedup": speedup,
+           "speedup_cpu_time": speedup_cpu, "max_rel_diff_F": err, "torch": torch.__version__}
+    append_rows(args.out, [row], prov, key=ROW_KEY)
     return 0
 
 

@@ -6,14 +6,13 @@ Target: <= 10 % overhead with the kernel on CPU.
     python bench/bench_loss.py [--batch 2 --seq 128 --steps 3 --layers 30]
 
 A step is forward, loss, backward and an AdamW step. Also times the regulariser alone (forward + backward).
-Prints a table and writes bench/results/bench_loss.json.
+Prints a table and adds a row to bench/results/bench_loss.json (bench/_results.py: one row per configuration and
+commit, with provenance).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
+from _results import append_rows, provenance  # noqa: E402  (bench/_results.py, same directory)
+
+ROW_KEY = ("bench", "threads", "batch", "seq", "layers")
 
 
 def build(layers: int):
@@ -64,6 +66,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_loss.json"))
     args = ap.parse_args(argv)
+    prov = provenance()  # at the start: the load the run began under
 
     from agl.loss import AGLConfig, AGLLoss, resolve_backend
 
@@ -129,12 +132,9 @@ def main(argv=None):
               + (f"{rs:>15.3f}{r['regularizer_overhead_pct']:>11.1f}%" if rs is not None else ""))
     if not have_kernel:
         print("(kernel backend skipped: agl's compiled extension is not built)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"bench": "agl_loss_overhead", "config": vars(args), "results": rows, "kernel": have_kernel,
-                   "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "machine": platform.processor() or platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                  f, indent=2)
+    row = {"bench": "agl_loss_overhead", **{k: v for k, v in vars(args).items() if k != "out"},
+           "threads": torch.get_num_threads(), "results": rows, "kernel": have_kernel, "torch": torch.__version__}
+    append_rows(args.out, [row], prov, key=ROW_KEY)
     return 0
 
 

@@ -10,9 +10,9 @@ compiled (torch.compile(agl.reference.agl_terms)). Inputs: B, A, B_align, A_alig
 (the usual AGL setting). Timings: median / p20 / p80 over --reps repetitions after warm-up. Peak memory: on CUDA
 torch.cuda.max_memory_allocated() above the inputs; on CPU the peak-RSS increase of a fresh subprocess per
 (shape, dtype, provider) that builds the inputs and then runs forward and fwd+bwd once (tracemalloc cannot see
-torch's allocations). Rows go to bench/results/<device-slug>.json (merged with earlier rows of other shapes, written
-atomically); a table is printed. On CUDA, bytes and FLOPs per call and the achieved fraction of a measured copy
-bandwidth and matmul rate are printed too.
+torch's allocations). Rows go to bench/results/<device-slug>.json through bench/_results.py (each with its
+provenance; rows of other commits are kept beside them, see there); a table is printed. On CUDA, bytes and FLOPs
+per call and the achieved fraction of a measured copy bandwidth and matmul rate are printed too.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _results import append_rows, provenance  # noqa: E402  (bench/_results.py, same directory)
+
 from agl import reference  # noqa: E402
 from agl.functional import agl_terms  # noqa: E402
 
@@ -41,6 +43,7 @@ MODES = ["forward", "backward", "fwd+bwd"]
 PROVIDERS = ["agl", "eager", "compiled"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 WEIGHTS = (1.0, 0.5, 0.25, 0.1)
+ROW_KEY = ("device", "threads", "torch", "shape", "dtype", "mode", "provider")  # a measurement's identity
 
 
 def parse_shape(s: str):
@@ -240,22 +243,6 @@ def measure_peaks(device, dtype):
     return bw, fl
 
 
-def write_rows(path: Path, rows):
-    old = []
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = []
-    keys = {(r["torch"], r["shape"], r["dtype"], r["mode"], r["provider"]) for r in rows}
-    merged = [r for r in old if (r.get("torch"), r.get("shape"), r.get("dtype"), r.get("mode"), r.get("provider"))
-              not in keys] + rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(merged, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -274,6 +261,7 @@ def main(argv=None):
         mem_child(p, s, d, int(t))
         return
 
+    run_prov = provenance()  # at the start: the load the run began under
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
         shapes = args.shapes.split(",") if args.shapes else QUICK_SHAPES
@@ -296,7 +284,7 @@ def main(argv=None):
         for dname in dtypes:
             dtype = DTYPES[dname]
             inputs = make_inputs(m, n, r, dtype, device)
-            mem = {}
+            mem, measured = {}, []
             for prov in providers:
                 if args.no_mem:
                     mem[prov] = {}
@@ -331,9 +319,12 @@ def main(argv=None):
                           f"{byts / sec / 1e9:.0f} GB/s = {byts / sec / bw:.1%} of copy bandwidth "
                           f"({bw / 1e9:.0f} GB/s), {flops / sec / 1e12:.2f} TFLOP/s = {flops / sec / fl:.1%} of "
                           f"{dname} matmul ({fl / 1e12:.0f} TFLOP/s)", file=sys.stderr)
-                rows += list(group.values())
+                measured += list(group.values())
             del inputs
-            write_rows(out, rows)  # after every (shape, dtype): a run cut short keeps what it measured
+            # after every (shape, dtype): a run cut short keeps what it measured (only this group's rows: a
+            # dirty-tree run replaces nothing, so re-sending earlier rows would duplicate them)
+            append_rows(out, measured, run_prov, key=ROW_KEY)
+            rows += measured
     hdr = f"{'shape':>14} {'dtype':>8} {'mode':>8} {'provider':>9} {'median ms':>10} {'p20':>9} {'p80':>9} " \
           f"{'peak MB':>9} {'x eager':>8} {'x compiled':>10}"
     print(hdr)

@@ -10,7 +10,6 @@ bandwidth the kernels' compulsory traffic (F and H read once per pass) would nee
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _results import append_rows, provenance  # noqa: E402  (bench/_results.py, same directory)
 
 from agl import reference  # noqa: E402
 from agl.functional import agl_terms  # noqa: E402
@@ -63,8 +64,9 @@ def main():
     ap.add_argument("--shapes", default="4096x4096r16,4096x11008r16")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="add the rows to this results file (bench/_results.py format)")
     args = ap.parse_args()
+    prov = provenance()  # at the start: the load the run began under
     rows = []
     print(f"{torch.cuda.get_device_name(0)}  torch {torch.__version__}")
     print(f"{'shape':>16} {'dtype':>9} {'provider':>8} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8} {'F/H GB/s f+b':>13}")
@@ -113,7 +115,7 @@ def main():
             if a and e:
                 print(f"speedup vs eager {shape} {dname}: fwd+bwd {e[0]['fwd_bwd_ms'] / a[0]['fwd_bwd_ms']:.1f}x")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        append_rows(args.out, rows, prov, key=("device", "torch", "shape", "dtype", "provider"))
 
 
 if __name__ == "__main__":

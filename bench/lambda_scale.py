@@ -7,11 +7,13 @@ the same model before training. At each checkpoint it prints the task loss and t
 the default λ make of them.
 
     python bench/lambda_scale.py [--steps 10,50,150] [--smol-layers 2]
+
+One row per model run (``run``, ``lr``, ``checkpoints``) goes to bench/results/lambda_scale.json through
+bench/_results.py, with the run's provenance.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
+from _results import append_rows, provenance  # noqa: E402  (bench/_results.py, same directory)
 
 
 def run(name, cfg_kwargs, checkpoints, batch, seq, lr):
@@ -144,19 +147,21 @@ def main(argv=None):
     ap.add_argument("--only-real", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lambda_scale.json"))
     args = ap.parse_args(argv)
+    prov = provenance()  # at the start: the load the run began under
     tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 vocab_size=128, max_position_embeddings=128)
     smol = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=args.smol_layers, num_attention_heads=9,
                 num_key_value_heads=3, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
-    out = {}
+    out = []
     if not args.only_real:
-        out["tiny"] = run("tiny", tiny, [int(s) for s in args.steps.split(",")], 4, 32, args.lr)
-        out["smollm2-shaped"] = run("smol", smol, [int(s) for s in args.smol_steps.split(",")], 2, 64, args.smol_lr)
+        out.append({"run": "tiny", "lr": args.lr,
+                    "checkpoints": run("tiny", tiny, [int(s) for s in args.steps.split(",")], 4, 32, args.lr)})
+        out.append({"run": "smollm2-shaped", "lr": args.smol_lr, "layers": args.smol_layers,
+                    "checkpoints": run("smol", smol, [int(s) for s in args.smol_steps.split(",")], 2, 64, args.smol_lr)})
     if args.real:
-        out["real:" + args.real] = run_real(args.real, [int(s) for s in args.smol_steps.split(",")], args.smol_lr)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"lr": args.lr, "smol_lr": args.smol_lr, "runs": out}, f, indent=2)
+        out.append({"run": "real:" + args.real, "lr": args.smol_lr,
+                    "checkpoints": run_real(args.real, [int(s) for s in args.smol_steps.split(",")], args.smol_lr)})
+    append_rows(args.out, out, prov, key=("run", "lr"))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ with --profile a torch.profiler table of --iters calls: where the time of a call
     python3 bench/ncu_probe.py --profile --iters 20
 
 Inputs as in bench/kernel_timing.py (B, A, B_align, A_align of rank r, fisher and task_metric). Prints the terms and
-the gradient norms so a sanitizer run also shows the values it produced. Needs a CUDA GPU.
+the gradient norms so a sanitizer run also shows the values it produced, after one line with the run's provenance
+(it writes no result file: its output is the log). Needs a CUDA GPU.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernel_timing import inputs, loss_of  # noqa: E402  (same directory)
+
+from _results import provenance  # noqa: E402  (bench/_results.py, same directory)
 
 from agl.functional import agl_terms  # noqa: E402
 
@@ -57,6 +61,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="torch.profiler table instead of one plain call")
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
+    print("[provenance]", json.dumps(provenance()), flush=True)
     for shape in args.shapes.split(","):
         m, rest = shape.split("x")
         n, r = (int(v) for v in rest.split("r"))

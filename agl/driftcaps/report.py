@@ -145,14 +145,23 @@ def write_report(obj, out_dir, *, name: str | None = None) -> dict[str, Path]:
     is_cmp = isinstance(obj, Comparison)
     name = name or ("comparison" if is_cmp else "report")
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "png": out / f"{name}.png"}
-    atomic_write_text(paths["json"], obj.to_json() + "\n")
+    atomic_write_text(paths["json"], _with_provenance(obj.to_dict()))
     atomic_write_text(paths["markdown"], comparison_markdown(obj) if is_cmp else report_markdown(obj))
     plot_refusal_rates(obj, path=paths["png"])
     return paths
 
 
 def write_drift_reduction(result: dict, path) -> None:
-    """Save a :func:`~agl.driftcaps.drift_reduction` result as JSON (atomically)."""
+    """Save a :func:`~agl.driftcaps.drift_reduction` result as JSON (atomically), with its provenance."""
+    atomic_write_text(path, _with_provenance(result))
+
+
+def _with_provenance(payload: dict) -> str:
+    """``payload`` as JSON text with a ``provenance`` record (``agl._provenance.provenance()``: commit, dirty tree,
+    machine, load, torch, date) unless it already carries one."""
     import json
 
-    atomic_write_text(path, json.dumps(_jsonable(result), indent=2) + "\n")
+    from agl._provenance import provenance
+
+    payload = {**payload, "provenance": payload.get("provenance") or provenance()}
+    return json.dumps(_jsonable(payload), indent=2, ensure_ascii=False) + "\n"

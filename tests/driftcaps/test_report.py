@@ -31,6 +31,7 @@ def test_write_report_files(tmp_path):
     d = json.loads(paths["json"].read_text())
     assert d["kind"] == "driftcaps.report" and len(d["records"]) == 19
     assert d["metrics"]["rr_unsafe"]["n_empty"] == 1
+    assert set(d["provenance"]) >= {"git_commit", "git_dirty", "machine", "load_avg", "torch", "date"}
     md = paths["markdown"].read_text()
     assert "| RR_unsafe" in md and "| weapons | unsafe |" in md and "over-refusal, borderline" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -43,6 +44,7 @@ def test_write_comparison_files(tmp_path):
     assert paths["json"].name == "comparison.json"
     d = json.loads(paths["json"].read_text())
     assert d["meta"]["before_meta"]["model"] == "m-before"
+    assert d["provenance"]["machine"]["cores"] >= 1
     md = comparison_markdown(c)
     assert "McNemar" in md and "| RR_unsafe |" in md and "m-after" in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"

@@ -100,8 +100,8 @@ def matching(rows: Iterable[Dict[str, Any]], **fields: Any) -> List[Dict[str, An
 
 
 def _rank(row: Dict[str, Any]):
-    dirty = row["provenance"].get("git_dirty")
-    return ({False: 2, None: 1, True: 0}[dirty], row["provenance"].get("date") or "")
+    p = row["provenance"]  # backfilled rows may lack a date: the day they were committed stands in
+    return ({False: 2, None: 1, True: 0}[p.get("git_dirty")], p.get("date") or p.get("added_on") or "")
 
 
 def pick(rows: Iterable[Dict[str, Any]], **fields: Any) -> Dict[str, Any]:
@@ -114,16 +114,16 @@ def pick(rows: Iterable[Dict[str, Any]], **fields: Any) -> Dict[str, Any]:
 
 
 def describe(prov: Dict[str, Any]) -> str:
-    """One line naming a row's code and machine: ``commit 4976d4f + uncommitted changes, NVIDIA H200, torch …``."""
-    commit = (prov.get("git_commit") or "unknown commit")[:7]
+    """One line naming a row's code and machine, e.g. ``commit 4976d4f + uncommitted changes; NVIDIA H200; torch
+    2.11.0+cu130; 2026-11-28``. Backfilled rows say so (their commit is the one that added them)."""
+    commit = (prov.get("git_commit") or "unknown")[:7]
     dirty = prov.get("git_dirty")
-    code = {True: f"{commit} + uncommitted changes", False: commit}.get(dirty, f"{commit} (tree state unknown)")
+    code = {True: f"{commit} + uncommitted changes", False: commit}.get(dirty, f"{commit}, tree state unknown")
     if prov.get("backfilled"):
-        code += ", backfilled"
+        code += " (backfilled)"
     machine = prov.get("machine") or {}
-    where = machine.get("gpu") or machine.get("cpu") or "machine not recorded"
-    if machine.get("cores"):
-        where += f" ({machine['cores']} cores)" if not machine.get("gpu") else ""
-    date = (prov.get("date") or "")[:10]
-    return f"commit {code}; {where}; torch {prov.get('torch') or '?'}; {date or 'date unknown'}"
-
+    where = machine.get("gpu") or machine.get("cpu") or "CPU model not recorded"
+    if not machine.get("gpu") and machine.get("cores"):
+        where += f", {machine['cores']} cores"
+    date = (prov.get("date") or "")[:10] or (f"added {prov['added_on'][:10]}" if prov.get("added_on") else "date unknown")
+    return f"commit {code}; {where}; torch {prov.get('torch') or 'not recorded'}; {date}"

@@ -101,7 +101,9 @@ def test_nan_becomes_null(tmp_path):
 def test_describe_names_code_and_machine():
     p = prov("4976d4f0ee8d016e8e167a0856e7d344c00ac372", dirty=True)
     p["machine"]["gpu"] = "NVIDIA H200"
-    assert describe(p).startswith("commit 4976d4f + uncommitted changes; NVIDIA H200; torch 2.14.1")
+    assert describe(p) == "commit 4976d4f + uncommitted changes; NVIDIA H200; torch 2.14.1; 2026-11-30"
+    old = dict(prov(dirty=None), backfilled=True, date=None, added_on="2026-11-28T19:13:11+00:00")
+    assert describe(old) == "commit aaaaaaa, tree state unknown (backfilled); AMD EPYC, 2 cores; torch 2.14.1; added 2026-11-28"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "bench" / "results").glob("*.json")), ids=lambda p: p.name)

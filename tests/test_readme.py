@@ -1,0 +1,67 @@
+"""The README's result tables are generated from the committed raw results (tools/render_readme.py): a table that
+disagrees with its JSON, or a missing table, fails here. Fix with `python tools/render_readme.py`."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import render_readme  # noqa: E402
+from render_readme import TABLES, blocks, render, stale  # noqa: E402
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_table_is_in_the_readme():
+    assert set(blocks(README)) == set(TABLES)
+
+
+def test_readme_tables_match_the_raw_results():
+    bad = stale(README)
+    assert not bad, f"README blocks {bad} differ from their JSON: run `python tools/render_readme.py`"
+    assert render(README) == README
+
+
+def test_a_changed_number_is_caught():
+    body = blocks(README)["h200-ops"]
+    assert "| 1.10 ms |" in body
+    assert stale(README.replace(body, body.replace("| 1.10 ms |", "| 1.01 ms |", 1))) == ["h200-ops"]
+
+
+def test_a_missing_table_is_caught():
+    body = blocks(README)["fisher"]
+    cut = README.replace(f"<!-- agl:table fisher -->\n{body}<!-- /agl:table -->\n", "")
+    with pytest.raises(ValueError, match=r"missing block\(s\) \['fisher'\]"):
+        render(cut)
+
+
+def test_an_unclosed_or_unknown_block_is_caught():
+    with pytest.raises(ValueError, match="not closed"):
+        blocks(README + "\n<!-- agl:table extra -->\n")
+    with pytest.raises(ValueError, match=r"unknown block\(s\) \['extra'\]"):
+        render(README + "\n<!-- agl:table extra -->\n<!-- /agl:table -->\n")
+
+
+def test_tables_follow_the_json(tmp_path, monkeypatch):
+    """Re-rendering reads the JSON (no number is copied into the renderer): a changed row changes the table."""
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "bench" / "results", results)
+    path = results / "bench_loss.json"
+    rows = json.loads(path.read_text())
+    newest = max(range(len(rows)), key=lambda i: rows[i]["provenance"]["date"])
+    rows[newest]["results"]["plain LoRA"]["median_step_s"] = 9.87
+    path.write_text(json.dumps(rows))
+    monkeypatch.setattr(render_readme, "BENCH", results)
+    assert "| plain LoRA | 9.87 s |" in TABLES["agl-loss"]()
+    assert stale(README) == ["agl-loss"]
+
+
+def test_check_command(capsys):
+    assert render_readme.main(["--check"]) == 0
+    assert "up to date" in capsys.readouterr().out

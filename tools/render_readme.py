@@ -1,0 +1,283 @@
+"""Render the README's result tables from the raw results: ``bench/results/*.json`` (rows written by
+``bench/_results.py``) and ``docs/results/*/report.json`` (``agl experiment`` / ``agl demo`` reports).
+
+    python tools/render_readme.py            # rewrite the generated blocks of README.md in place
+    python tools/render_readme.py --check    # exit 1 naming the blocks that differ (tests/test_readme.py checks this)
+
+A generated block is everything between ``<!-- agl:table NAME -->`` and ``<!-- /agl:table -->``; ``TABLES[NAME]``
+renders it. Text outside the markers is prose and left alone. Each block ends with the provenance of its rows
+(commit, tree state, machine, torch, date), so a number in the README names the code that produced it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _results import describe, matching, pick, read_rows  # noqa: E402  (bench/_results.py)
+
+README = ROOT / "README.md"
+BENCH = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "results"
+BLOCK = re.compile(r"<!-- agl:table (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /agl:table -->", re.S)
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def ms(x: float) -> str:
+    """Milliseconds at a precision that fits the magnitude: 0.862, 3.62, 84, 3 472."""
+    if x >= 100:
+        return f"{x:,.0f}".replace(",", " ")
+    return f"{x:.0f}" if x >= 10 else (f"{x:.2f}" if x >= 1 else f"{x:.3f}")
+
+
+def times(r: Optional[float]) -> str:
+    return "–" if r is None else (f"{r:.0f}×" if r >= 100 else f"{r:.1f}×")
+
+
+def mb(b: Optional[float]) -> str:
+    if b is None:
+        return "–"
+    b /= 1e6
+    return "< 0.1 MB" if b < 0.1 else (f"{b:.1f} MB" if b < 100 else f"{b:,.0f} MB".replace(",", " "))
+
+
+def pct(x: Optional[float], digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def ci(pair) -> str:
+    return "–" if not pair else f"[{pct(pair[0])}, {pct(pair[1])}]"
+
+
+def shape(s: str) -> str:
+    """'4096x11008r16' -> '4096×11008 r16'."""
+    m, rest = s.split("x", 1)
+    n, r = rest.split("r")
+    return f"{m}×{n} r{r}"
+
+
+def table(header: List[str], rows: Iterable[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def sources(rows: Iterable[dict], path: Path) -> str:
+    """The provenance lines of ``rows`` (one per distinct code/machine), naming their file in bench/results/."""
+    seen = list(dict.fromkeys(describe(r["provenance"]) for r in rows))
+    return f"\nRows: `bench/results/{path.name}`; " + "; ".join(f"{s}" if len(seen) == 1 else f"({i + 1}) {s}"
+                                             for i, s in enumerate(seen)) + ".\n"
+
+
+# ------------------------------------------------------------------------------------------------ op benchmarks
+def _op_group(rows, **ident):
+    """The agl / eager / compiled rows of one (shape, dtype, mode), all from the run ``pick`` chooses for agl."""
+    agl = pick(rows, provider="agl", **ident)
+    same_run = [r for r in matching(rows, **ident) if r["provenance"] == agl["provenance"]]
+    return agl, {r["provider"]: r for r in same_run}
+
+
+def h200_ops() -> str:
+    path = BENCH / "nvidia-h200.json"
+    rows = read_rows(path)
+    out, used = [], []
+    for s in ("4096x4096r16", "4096x11008r16"):
+        for dt in ("float32", "bfloat16"):
+            agl, g = _op_group(rows, shape=s, dtype=dt, mode="fwd+bwd")
+            used += g.values()
+            out.append([f"{shape(s)}, {dt}", f"{ms(agl['median_ms'])} ms", f"{ms(g['eager']['median_ms'])} ms",
+                        f"{ms(g['compiled']['median_ms'])} ms", times(agl["speedup_vs_eager"]),
+                        times(agl["speedup_vs_compiled"]),
+                        f"{mb(agl['peak_mem_bytes'])} / {mb(g['eager']['peak_mem_bytes'])}"])
+    text = table(["shape, dtype (fwd+bwd)", "fused", "eager", "compiled", "× eager", "× compiled",
+                  "peak extra memory, fused / eager"], out)
+    return text + "\n" + h200_roofline(rows) + sources(used, path)
+
+
+def h200_roofline(rows) -> str:
+    """Fraction of the copy bandwidth and float32 matmul rate the fused fwd+bwd reaches at 4096×4096 r16 float32.
+    The run measured copy bandwidth once per dtype; the best of those is the machine's (a lower reading is noise)."""
+    agl, _ = _op_group(rows, shape="4096x4096r16", dtype="float32", mode="fwd+bwd")
+    run = [r for r in rows if r["provenance"] == agl["provenance"] and r.get("frac_copy_bw")]
+
+    def achieved(r, what):  # bytes/s or flop/s of a row
+        return r[what] / (r["median_ms"] / 1e3)
+
+    best_bw = max(achieved(r, "bytes_per_call") / r["frac_copy_bw"] for r in run)
+    bw = achieved(agl, "bytes_per_call")
+    fl = achieved(agl, "flops_per_call")
+    peak_fl = fl / agl["frac_matmul"]
+    return (f"Roofline of the fused fwd+bwd at 4096×4096 r16, float32: {agl['bytes_per_call'] / 1e6:.0f} MB and "
+            f"{agl['flops_per_call'] / 1e9:.1f} GFLOP per call in {ms(agl['median_ms'])} ms = {bw / 1e9:.0f} GB/s, "
+            f"**{pct(bw / best_bw)} of the copy bandwidth measured in the same run** ({best_bw / 1e12:.1f} TB/s), "
+            f"and {fl / 1e12:.2f} TFLOP/s = {pct(fl / peak_fl)} of its float32 matmul rate "
+            f"({peak_fl / 1e12:.0f} TFLOP/s).\n")
+
+
+def cpu_ops() -> str:
+    path = BENCH / "intel-r-xeon-r-processor-2-50ghz.json"
+    rows = read_rows(path)
+    out, used = [], []
+    for s, dt, mode in (("4096x4096r16", "float32", "fwd+bwd"), ("4096x4096r16", "float32", "forward"),
+                        ("4096x4096r16", "float32", "backward"), ("576x576r8", "float32", "fwd+bwd"),
+                        ("4096x4096r16", "bfloat16", "fwd+bwd")):
+        agl, g = _op_group(rows, shape=s, dtype=dt, mode=mode)
+        used += g.values()
+        mem = " / ".join(mb(g[p]["peak_mem_bytes"]) for p in ("agl", "eager", "compiled"))
+        out.append([f"{shape(s)}, {dt}, {mode}", f"{ms(agl['median_ms'])} ms", f"{ms(g['eager']['median_ms'])} ms",
+                    f"{ms(g['compiled']['median_ms'])} ms", times(agl["speedup_vs_eager"]),
+                    times(agl["speedup_vs_compiled"]), mem if mode != "backward" else "–",
+                    (agl["provenance"]["git_commit"] or "?")[:7]])
+    return table(["shape, dtype, mode", "fused", "eager reference", "`torch.compile`d reference", "× eager",
+                  "× compiled", "peak extra memory: fused / eager / compiled", "commit"], out) + sources(used, path)
+
+
+# ------------------------------------------------------------------------------------------------ other benches
+def agl_loss() -> str:
+    path = BENCH / "bench_loss.json"
+    row = pick(read_rows(path), bench="agl_loss_overhead", threads=2, batch=2, seq=128, layers=30)
+    out = []
+    for name, r in row["results"].items():
+        reg = r.get("regularizer_fwd_bwd_s")
+        out.append([name, f"{r['median_step_s']:.2f} s", f"{r['overhead_pct']:+.1f}%", f"{r['overhead_cpu_pct']:+.1f}%",
+                    "–" if reg is None else f"{reg:.2f} s"])
+    text = table(["configuration", "step (median)", "overhead, wall", "overhead, CPU time",
+                  "regulariser fwd+bwd alone"], out)
+    return (text + f"\n{row['layers']} layers, LoRA r8 on q/k/v/o, batch {row['batch']} × {row['seq']} tokens, "
+            f"{row['threads']} threads, median of {row['steps']} steps." + sources([row], path))
+
+
+def fisher() -> str:
+    path = BENCH / "bench_fisher.json"
+    rows = read_rows(path)
+    shown = [pick(rows, hidden=128, threads=1), pick(rows, hidden=256, threads=2)]
+    out = []
+    for r in shown:
+        h, lp = r["results"]["hooks"], r["results"]["per-sample loop"]
+        out.append([f"hidden {r['hidden']}, {r['layers']} layers", str(r["threads"]),
+                    f"{r['samples']} × {r['seq']}, batch {r['batch']}", f"{h['samples_per_s']:.1f}",
+                    f"{lp['samples_per_s']:.1f}", times(r["speedup"]), times(r["speedup_cpu_time"]),
+                    f"{r['max_rel_diff_F']:.0e}"])
+    text = table(["Llama model", "threads", "samples × tokens", "hooks, samples/s", "per-sample loop, samples/s",
+                  "speed-up, wall", "speed-up, CPU time", "max rel. diff of F (float32)"], out)
+    notes = []
+    for r in (r for r in rows if r.get("caveat")):
+        fair = pick(rows, hidden=r["hidden"], layers=r["layers"], threads=1)["results"]["per-sample loop"]
+        hooks = r["results"]["hooks"]["samples_per_s"]
+        notes.append(f"\nNot shown: hidden {r['hidden']} with {r['threads']} threads ({r['speedup']:.1f}×): "
+                     f"{r['caveat']}. Against the 1-thread loop, its hooks ({hooks:.1f} samples/s) are "
+                     f"{hooks / fair['samples_per_s']:.1f}× faster.")
+    return text + "".join(notes) + ("\n" if notes else "") + sources(shown, path)
+
+
+def driftcaps() -> str:
+    path = BENCH / "driftcaps_cpu.json"
+    row = pick(read_rows(path), bench="driftcaps_evaluate", device="cpu")
+    out = [[str(r["batch_size"]), str(r["n_prompts"]), f"{r['seconds']:.1f} s", f"{r['prompts_per_s']:.3f}",
+            f"{r['new_tokens_per_s']:.1f}"] for r in row["rows"]]
+    text = table(["batch size", "prompts", "time", "prompts/s", "generated tokens/s"], out)
+    load = row["provenance"].get("load_avg")
+    return (text + f"\n{row['model']}, {row['max_new_tokens']} new tokens, {row['threads']} threads: batched "
+            f"{row['batched_speedup']:.1f}× faster" + (f"; load average {load[0]:.1f} at the start" if load else "")
+            + "." + sources([row], path))
+
+
+# ------------------------------------------------------------------------------------------------ experiment reports
+def _report_table(folder: str, methods: List[str], seeds: bool) -> str:
+    path = DOCS / folder / "report.json"
+    rep = json.loads(path.read_text())
+    a = rep["aligned_start"]
+    head = ["method"] + (["seeds"] if seeds else []) + ["RR_unsafe", "drift reduction vs LoRA (95% CI)",
+                                                       "over-refusal", "task EM", "ΔL_align", "β (95% CI)"]
+    out = [["aligned start"] + (["–"] if seeds else []) + [pct(a["rr_unsafe"]), "–", pct(a["over_refusal"]),
+                                                           pct(a["task_em"]), "–", "–"]]
+    for key in methods:
+        m = rep["methods"][key]
+        beta = f"{m['law_beta']:.2f} [{m['law_beta_ci'][0]:.2f}, {m['law_beta_ci'][1]:.2f}]"
+        out.append([m["label"]] + ([str(len(m["seeds"]))] if seeds else [])
+                   + [pct(m["rr_unsafe_after"]),
+                      "(the reference)" if key == "lora" else f"{pct(m['drift_reduction'])} {ci(m['drift_reduction_ci'])}",
+                      pct(m["over_refusal"]), pct(m["task_em"]), f"{m['delta_align_loss']:.3f}", beta])
+    n = f"{a['n_eval_unsafe']} unsafe + {a['n_eval_safe']} safe eval prompts"
+    rel = path.relative_to(ROOT).as_posix()
+    return table(head, out) + f"\n{n}; rows: `{rel}`; {describe(rep['provenance'])}.\n"
+
+
+def demo() -> str:
+    return _report_table("2026-11-28-cpu-demo", ["lora", "agl"], seeds=False)
+
+
+def experiment() -> str:
+    return _report_table("2026-11-28-cpu-3seed", ["lora", "agl", "ewc"], seeds=True)
+
+
+TABLES: Dict[str, Callable[[], str]] = {
+    "h200-ops": h200_ops, "cpu-ops": cpu_ops, "agl-loss": agl_loss, "fisher": fisher, "driftcaps": driftcaps,
+    "demo": demo, "experiment": experiment,
+}
+
+
+# ------------------------------------------------------------------------------------------------ README blocks
+def blocks(text: str) -> Dict[str, str]:
+    """The generated blocks of ``text`` by name. Raises a ValueError for a block opened twice or never closed."""
+    found: Dict[str, str] = {}
+    for m in BLOCK.finditer(text):
+        if m.group("name") in found:
+            raise ValueError(f"README: block {m.group('name')!r} appears twice")
+        found[m.group("name")] = m.group("body")
+    opened = re.findall(r"<!-- agl:table ([\w-]+) -->", text)
+    unclosed = [n for n in opened if n not in found]
+    if unclosed:
+        raise ValueError(f"README: block(s) {unclosed} opened but not closed with <!-- /agl:table -->")
+    return found
+
+
+def render(text: str) -> str:
+    """``text`` with every generated block re-rendered. Raises a ValueError naming blocks the README lacks or that
+    no renderer knows."""
+    have = blocks(text)
+    missing = [n for n in TABLES if n not in have]
+    unknown = [n for n in have if n not in TABLES]
+    if missing or unknown:
+        raise ValueError(f"README: missing block(s) {missing}, unknown block(s) {unknown} "
+                         f"(known: {sorted(TABLES)})")
+    return BLOCK.sub(lambda m: f"<!-- agl:table {m.group('name')} -->\n{TABLES[m.group('name')]()}"
+                               f"<!-- /agl:table -->", text)
+
+
+def stale(text: str) -> List[str]:
+    """Names of the blocks whose text differs from a fresh render (the README is up to date when empty)."""
+    fresh = blocks(render(text))
+    return [n for n, body in blocks(text).items() if fresh[n] != body]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a block is stale")
+    ap.add_argument("--readme", default=str(README))
+    args = ap.parse_args(argv)
+    path = Path(args.readme)
+    text = path.read_text(encoding="utf-8")
+    if args.check:
+        bad = stale(text)
+        if bad:
+            print(f"{path}: stale block(s) {bad}: run `python tools/render_readme.py`", file=sys.stderr)
+            return 1
+        print(f"{path}: {len(TABLES)} generated blocks up to date")
+        return 0
+    new = render(text)
+    if new != text:
+        from agl._io import atomic_write_text
+
+        atomic_write_text(path, new)
+    print(f"{path}: {len(TABLES)} blocks rendered" + ("" if new != text else " (no change)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -118,5 +118,12 @@ def test_every_committed_result_row_has_provenance(path):
         assert p["git_dirty"] is not None or p.get("backfilled") is True  # unknown only for backfilled rows
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "docs" / "results").glob("*/report.json")), ids=lambda p: p.parent.name)
+def test_every_committed_report_has_provenance(path):
+    p = json.loads(path.read_text())["provenance"]
+    assert set(p) >= {"git_commit", "git_dirty", "machine", "load_avg", "torch", "date"}
+    assert p["git_dirty"] is not None or p.get("backfilled") is True
+
+
 def test_module_names_its_results_folder():
     assert _results.RESULTS == ROOT / "bench" / "results"

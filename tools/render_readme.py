@@ -191,6 +191,8 @@ def driftcaps() -> str:
 def _report_table(folder: str, methods: List[str], seeds: bool) -> str:
     path = DOCS / folder / "report.json"
     rep = json.loads(path.read_text())
+    if not isinstance(rep.get("provenance"), dict):
+        raise ValueError(f"{path}: no `provenance` object (a report must record agl._provenance.provenance())")
     a = rep["aligned_start"]
     head = ["method"] + (["seeds"] if seeds else []) + ["RR_unsafe", "drift reduction vs LoRA (95% CI)",
                                                        "over-refusal", "task EM", "ΔL_align", "β (95% CI)"]

@@ -78,8 +78,12 @@ def sources(rows: Iterable[dict], path: Path) -> str:
 def _op_group(rows, **ident):
     """The agl / eager / compiled rows of one (shape, dtype, mode), all from the run ``pick`` chooses for agl."""
     agl = pick(rows, provider="agl", **ident)
-    same_run = [r for r in matching(rows, **ident) if r["provenance"] == agl["provenance"]]
-    return agl, {r["provider"]: r for r in same_run}
+    same_run = {r["provider"]: r for r in matching(rows, **ident) if r["provenance"] == agl["provenance"]}
+    missing = [p for p in ("eager", "compiled") if p not in same_run]
+    if missing:
+        raise LookupError(f"no {missing} row(s) from the same run as the agl row {ident} "
+                          f"({describe(agl['provenance'])}): rerun bench_ops.py with all providers")
+    return agl, same_run
 
 
 def h200_ops() -> str:

@@ -15,6 +15,7 @@ Per step, for every LoRA layer and active adapter (factors B: m x r, A: r x n, `
 
     B_align = U (U^T B),  A_align = (A V) V^T        (B_align = B when U is None, A_align = A when V is None)
     align, task, overlap, geodesic = agl_terms(B, A, B_align, A_align, fisher=F, task_metric=H, scale=s, ...)
+    (all layers at once: one agl_terms_grouped call per step, the projections formed inside the op)
     total = task_loss + lambda_align * mean(align) + lambda_task * mean(task)
             + lambda_collision * mean(alpha * overlap + (1 - alpha) * geodesic)
 
@@ -31,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from agl.functional import agl_terms
+from agl.functional import agl_terms_grouped
 from agl.peft_binding import LayerFilter, LoraBinding, find_lora_layers
 from agl.state import AlignmentState
 
@@ -167,8 +168,9 @@ class AGLLoss:
         self.entries: List[_Entry] = [
             _Entry(b.name, a.adapter, b, a.A, a.B, a.scaling) for b in bindings for a in b.adapters
         ]
+        self._layer_keys = [e.name if len(e.binding.adapters) == 1 else f"{e.name}[{e.adapter}]" for e in self.entries]
         self._last: Dict[str, Tensor] = {}
-        self._last_layers: Dict[str, Dict[str, Tensor]] = {}
+        self._last_layers: Optional[Tensor] = None  # (L, 4) terms of the last call, with config.per_layer_terms
         self._running: Dict[str, Tensor] = {}
         self._running_n = 0
 
@@ -187,15 +189,26 @@ class AGLLoss:
             e.cache[key] = hit
         return hit
 
-    def _layer_terms(self, e: _Entry, backend: str):
-        A, B = e.A, e.B
-        L, R = (A.t(), B.t()) if e.binding.fan_in_fan_out else (B, A)  # weight orientation: ΔW = s · L @ R
-        F, H, U, V = self._tensors(e, L.device, L.dtype)
-        L_al = L if U is None else U @ (U.t() @ L)
-        R_al = R if V is None else (R @ V) @ V.t()
+    def _term_matrix(self, backend: str) -> Tensor:
+        """The (L, 4) terms (align, task, overlap, geodesic) of every entry, rows in ``self.entries`` order, from one
+        ``agl_terms_grouped`` call: the op forms B_align = U (Uᵀ B), A_align = (A V) Vᵀ itself, so a step dispatches
+        the same few ops whatever the number of layers (``fan_in_fan_out`` layers add one transpose each)."""
+        Ls, Rs, Fs, Hs, Us, Vs, scales = [], [], [], [], [], [], []
+        for e in self.entries:
+            A, B = e.A, e.B
+            L, R = (A.t(), B.t()) if e.binding.fan_in_fan_out else (B, A)  # weight orientation: ΔW = s · L @ R
+            F, H, U, V = self._tensors(e, L.device, L.dtype)
+            Ls.append(L)
+            Rs.append(R)
+            Fs.append(F)
+            Hs.append(H)
+            Us.append(U)
+            Vs.append(V)
+            scales.append(e.scaling)
         c = self.config
-        return agl_terms(L, R, L_al, R_al, fisher=F, task_metric=H, scale=e.scaling, beta=c.beta, tau=c.tau,
-                         sharpness=c.sharpness, eps=c.eps, backend=backend)
+        return agl_terms_grouped(Ls, Rs, Us=Us, Vs=Vs, fishers=Fs, task_metrics=Hs if any(h is not None for h in Hs)
+                                 else None, scales=scales, beta=c.beta, tau=c.tau, sharpness=c.sharpness, eps=c.eps,
+                                 backend=backend)
 
     # ------------------------------------------------------------------ the loss
     def regularizer(self) -> Tensor:
@@ -203,16 +216,9 @@ class AGLLoss:
         Also records ``last_terms``."""
         c = self.config
         backend = resolve_backend(c.backend, self.entries[0].B.device)
-        sums = {k: None for k in _TERMS}
-        per_layer = {}
-        for e in self.entries:
-            t = self._layer_terms(e, backend)
-            for k, v in zip(_TERMS, t):
-                v = v if v.dtype == torch.float64 else v.float()
-                sums[k] = v if sums[k] is None else sums[k] + v
-            if c.per_layer_terms:
-                key = e.name if len(e.binding.adapters) == 1 else f"{e.name}[{e.adapter}]"
-                per_layer[key] = {k: v.detach() for k, v in zip(_TERMS, t)}
+        terms = self._term_matrix(backend)  # (L, 4), float32 (float64 with float64 factors)
+        sums = dict(zip(_TERMS, terms.sum(0).unbind()))
+        per_layer = terms.detach() if c.per_layer_terms else None
         n = len(self.entries)
         means = {k: v / n for k, v in sums.items()}
         collision = c.alpha * means["overlap"] + (1.0 - c.alpha) * means["geodesic"]
@@ -269,19 +275,19 @@ class AGLLoss:
         (alpha-mix), ``regularizer`` (λ-weighted), ``task_loss``, ``total``; plus ``layers`` (name -> term -> float)
         when ``config.per_layer_terms``."""
         out: Dict[str, Any] = {k: float(v) for k, v in self._last.items()}
-        if self._last_layers:
-            out["layers"] = {n: {k: float(v) for k, v in d.items()} for n, d in self._last_layers.items()}
+        if self._last_layers is not None:
+            out["layers"] = self._layers_dict(self._last_layers)
         return out
 
     @torch.no_grad()
     def layer_terms(self) -> Dict[str, Dict[str, float]]:
         """Per-layer (and adapter) values of the four terms now, without recording anything."""
         backend = resolve_backend(self.config.backend, self.entries[0].B.device)
-        out = {}
-        for e in self.entries:
-            key = e.name if len(e.binding.adapters) == 1 else f"{e.name}[{e.adapter}]"
-            out[key] = {k: float(v) for k, v in zip(_TERMS, self._layer_terms(e, backend))}
-        return out
+        return self._layers_dict(self._term_matrix(backend))
+
+    def _layers_dict(self, terms: Tensor) -> Dict[str, Dict[str, float]]:
+        """(L, 4) terms -> {layer key: {term: float}} (one host copy)."""
+        return {key: dict(zip(_TERMS, row)) for key, row in zip(self._layer_keys, terms.double().tolist())}
 
     def pop_running_means(self) -> Dict[str, float]:
         """Means of the recorded terms since the last call (what the logging callback reports), then reset."""

@@ -5,8 +5,10 @@
     python bench/bench_ops.py --shapes 4096x4096r16 --dtypes float32 --providers agl,eager
 
 Modes: forward (terms with the autograd graph built), backward (grads of a weighted sum of the terms, the forward
-untimed), fwd+bwd. Providers: agl (agl.functional.agl_terms, backend="kernel"), eager (agl.reference.agl_terms),
-compiled (torch.compile(agl.reference.agl_terms)). Inputs: B, A, B_align, A_align of rank r, fisher and task_metric
+untimed), fwd+bwd. Providers: agl (agl.functional.agl_terms, backend="kernel"), grouped (the same layer through
+agl.functional.agl_terms_grouped, a 1-layer group), null (the grouped op's do-nothing twin ``agl::terms_grouped_null``
+through the same Python path and autograd: the floor the harness and the host path impose), eager
+(agl.reference.agl_terms), compiled (torch.compile(agl.reference.agl_terms)). Inputs: B, A, B_align, A_align of rank r, fisher and task_metric
 (the usual AGL setting). Timings: median / p20 / p80 over --reps repetitions after warm-up. Peak memory: on CUDA
 torch.cuda.max_memory_allocated() above the inputs; on CPU the peak-RSS increase of a fresh subprocess per
 (shape, dtype, provider) that builds the inputs and then runs forward and fwd+bwd once (tracemalloc cannot see
@@ -33,12 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agl import reference  # noqa: E402
-from agl.functional import agl_terms  # noqa: E402
+from agl.functional import agl_terms, agl_terms_grouped  # noqa: E402
 
 ALL_SHAPES = ["576x576r8", "4096x4096r16", "4096x11008r16", "11008x4096r64"]
 QUICK_SHAPES = ["576x576r8", "4096x4096r16"]
 MODES = ["forward", "backward", "fwd+bwd"]
-PROVIDERS = ["agl", "eager", "compiled"]
+PROVIDERS = ["agl", "grouped", "null", "eager", "compiled"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 WEIGHTS = (1.0, 0.5, 0.25, 0.1)
 
@@ -89,6 +91,14 @@ def provider_fn(provider):
     global _COMPILED
     if provider == "agl":
         return lambda B, A, Ba, Aa, F, H: agl_terms(B, A, Ba, Aa, fisher=F, task_metric=H, backend="kernel")
+    if provider == "grouped":
+        return lambda B, A, Ba, Aa, F, H: agl_terms_grouped([B], [A], [Ba], [Aa], fishers=[F], task_metrics=[H],
+                                                            scales=[1.0], backend="kernel")[0].unbind()
+    if provider == "null":
+        from agl import ops
+
+        return lambda B, A, Ba, Aa, F, H: ops.agl_terms_grouped_kernel(
+            [B], [A], [Ba], [Aa], [], [], [F], [H], [1.0], 4.0, 0.01, 100.0, 1e-12, null=True)[0].unbind()
     if provider == "eager":
         return lambda B, A, Ba, Aa, F, H: reference.agl_terms(B, A, Ba, Aa, fisher=F, task_metric=H)
     if provider == "compiled":
@@ -290,6 +300,9 @@ def main(argv=None):
     print(f"device: {name} ({device.type}, {threads} threads), torch {torch.__version__}", file=sys.stderr)
     peaks = {}
     rows = []
+    from agl._provenance import provenance
+
+    prov_info = provenance()
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{slug(name)}.json"
     for shape in shapes:
         m, n, r = parse_shape(shape)
@@ -311,7 +324,7 @@ def main(argv=None):
                     group[prov] = dict(device=name, device_type=device.type, threads=threads,
                                        torch=torch.__version__, shape=shape, dtype=dname, mode=mode, provider=prov,
                                        median_ms=round(med, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
-                                       peak_mem_bytes=mem[prov].get(mode))
+                                       peak_mem_bytes=mem[prov].get(mode), provenance=prov_info)
                     print(f"  {shape:>14} {dname:>8} {mode:>8} {prov:>8}: {med:9.2f} ms", file=sys.stderr)
                 for row in group.values():
                     e, c = group.get("eager"), group.get("compiled")

@@ -335,8 +335,8 @@ Lists grouped_bwd_cpu(const Tensor& grad_terms, const Tensor& sums, TensorList B
 }
 
 // ---------------------------------------------------------------------------------------- do-nothing provider
-// Same signature, allocates the outputs and computes nothing: what a benchmark of the host path measures as its
-// floor (dispatch, autograd wiring, allocation).
+// Same signature, allocates the outputs (zero-filled, so a training step on them stays finite) and computes nothing:
+// what a benchmark of the host path measures as its floor (dispatch, autograd wiring, allocation).
 std::tuple<Tensor, Tensor> grouped_null(TensorList Bs, TensorList As, const OptList&, const OptList&, const OptList&,
                                         const OptList&, const OptList&, const OptList&, at::ArrayRef<double>, double,
                                         double, double, double) {
@@ -345,7 +345,7 @@ std::tuple<Tensor, Tensor> grouped_null(TensorList Bs, TensorList As, const OptL
   for (const Tensor& B : Bs) dbl = dbl || B.scalar_type() == at::kDouble;
   const auto opt = Bs[0].options().dtype(dbl ? at::kDouble : at::kFloat);
   const int64_t L = static_cast<int64_t>(Bs.size());
-  return {at::empty({L, kNumTerms}, opt), at::empty({L, kNumSums}, opt)};
+  return {at::zeros({L, kNumTerms}, opt), at::zeros({L, kNumSums}, opt)};
 }
 
 Lists grouped_null_bwd(const Tensor&, const Tensor&, TensorList Bs, TensorList As, const OptList& B_aligns,
@@ -356,10 +356,10 @@ Lists grouped_null_bwd(const Tensor&, const Tensor&, TensorList Bs, TensorList A
   for (size_t l = 0; l < Bs.size() && l < As.size(); ++l) {
     const optional<Tensor> Ba = entry(B_aligns, l), Aa = entry(A_aligns, l);
     const int64_t ra = (!project && Ba) ? Ba->size(1) : 0;
-    std::get<0>(o).push_back(at::empty_like(Bs[l]));
-    std::get<1>(o).push_back(at::empty_like(As[l]));
-    std::get<2>(o).push_back(at::empty({Bs[l].size(0), ra}, Bs[l].options()));
-    std::get<3>(o).push_back(at::empty({ra, As[l].size(1)}, As[l].options()));
+    std::get<0>(o).push_back(at::zeros_like(Bs[l]));
+    std::get<1>(o).push_back(at::zeros_like(As[l]));
+    std::get<2>(o).push_back(at::zeros({Bs[l].size(0), ra}, Bs[l].options()));
+    std::get<3>(o).push_back(at::zeros({ra, As[l].size(1)}, As[l].options()));
   }
   return o;
 }

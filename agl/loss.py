@@ -15,6 +15,7 @@ Per step, for every LoRA layer and active adapter l (factors B: m x r, A: r x n,
 
     B_align = U (U^T B),  A_align = (A V) V^T        (= B, A when U / V is None or config.subspaces is False)
     T[l] = agl_terms(B, A, B_align, A_align, fisher=F, task_metric=H, scale=s, ...)   # (align, task, overlap, geodesic)
+    (all layers at once: one agl_terms_grouped call per step, the projections formed inside the op)
     align, task, overlap, geodesic = the terms in config.units, from T (L x 4) and N_l = m·n (AGLConfig, docs/MATH.md)
     total = task_loss + lambda_align * align + lambda_task * task
             + lambda_collision * (alpha * overlap + (1 - alpha) * geodesic)
@@ -35,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from agl.functional import agl_terms
+from agl.functional import agl_terms_grouped
 from agl.peft_binding import LayerFilter, LoraBinding, find_lora_layers
 from agl.state import AlignmentState
 
@@ -285,24 +286,26 @@ class AGLLoss:
             e.cache[key] = hit
         return hit
 
-    def _layer_terms(self, e: _Entry, backend: str):
-        A, B = e.A, e.B
-        L, R = (A.t(), B.t()) if e.binding.fan_in_fan_out else (B, A)  # weight orientation: ΔW = s · L @ R
-        F, H, U, V = self._tensors(e, L.device, L.dtype)
-        L_al = L if U is None else U @ (U.t() @ L)
-        R_al = R if V is None else (R @ V) @ V.t()
-        c = self.config
-        return agl_terms(L, R, L_al, R_al, fisher=F, task_metric=H, scale=e.scaling, beta=c.beta, tau=c.tau,
-                         sharpness=c.sharpness, eps=c.eps, backend=backend)
-
     def _term_matrix(self, backend: str) -> Tensor:
-        """(L, 4) tensor, one row per entry: ``align, task, overlap, geodesic`` exactly as ``agl_terms`` returns
-        them (per-element means; geodesic a squared cosine), float32 (float64 for float64 factors), differentiable."""
-        rows = []
+        """The (L, 4) terms (align, task, overlap, geodesic) of every entry, rows in ``self.entries`` order, from one
+        ``agl_terms_grouped`` call: the op forms B_align = U (Uᵀ B), A_align = (A V) Vᵀ itself, so a step dispatches
+        the same few ops whatever the number of layers (``fan_in_fan_out`` layers add one transpose each)."""
+        Ls, Rs, Fs, Hs, Us, Vs, scales = [], [], [], [], [], [], []
         for e in self.entries:
-            t = torch.stack(list(self._layer_terms(e, backend)))
-            rows.append(t if t.dtype == torch.float64 else t.float())
-        return torch.stack(rows)
+            A, B = e.A, e.B
+            L, R = (A.t(), B.t()) if e.binding.fan_in_fan_out else (B, A)  # weight orientation: ΔW = s · L @ R
+            F, H, U, V = self._tensors(e, L.device, L.dtype)
+            Ls.append(L)
+            Rs.append(R)
+            Fs.append(F)
+            Hs.append(H)
+            Us.append(U)
+            Vs.append(V)
+            scales.append(e.scaling)
+        c = self.config
+        return agl_terms_grouped(Ls, Rs, Us=Us, Vs=Vs, fishers=Fs, task_metrics=Hs if any(h is not None for h in Hs)
+                                 else None, scales=scales, beta=c.beta, tau=c.tau, sharpness=c.sharpness, eps=c.eps,
+                                 backend=backend)
 
     # ------------------------------------------------------------------ the loss
     @property

@@ -1,4 +1,5 @@
-"""The fused AGL custom ops (``torch.ops.agl.terms_fwd`` / ``terms_bwd``), their fakes and their autograd.
+"""The fused AGL custom ops (``torch.ops.agl.terms_fwd`` / ``terms_bwd`` per layer, ``terms_grouped_fwd`` /
+``terms_grouped_bwd`` for many layers in one call), their fakes and their autograd.
 
 The C++ extension (``agl._C``, loaded through ``agl._load``) defines
 
@@ -11,6 +12,16 @@ in the accumulation dtype (float64 for float64 factors, float32 otherwise), with
 overlap = S2/N, geodesic = S3^2/(S0*S4 + eps), N = m*n. The sums are a by-product the backward needs; they are not
 differentiable (their gradient is ignored). ``fisher``, ``task_metric`` and ``align_mask`` are not differentiated.
 Shapes: B (m, r), A (r, n), B_align (m, r'), A_align (r', n); fisher, task_metric, align_mask (m, n).
+
+    agl::terms_grouped_fwd(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness,
+                           eps) -> (terms (L, 4), sums (L, 5))
+    agl::terms_grouped_bwd(grad_terms, sums, <same inputs>) -> (grad_Bs, grad_As, grad_B_aligns, grad_A_aligns)
+
+the same for L layers at once (lists of per-layer tensors; see ``csrc/agl_grouped_ops.cpp`` and
+:func:`agl.functional.agl_terms_grouped`); row l is bitwise what ``terms_fwd`` gives for layer l alone.
+``agl::terms_grouped_null`` / ``terms_grouped_null_bwd`` take the same arguments and only allocate the outputs (the
+benchmarks' floor). Inputs are validated once per path: by the C++ kernels, or by the fakes under tracing / meta.
+One autograd path per op: the ``register_autograd`` registrations below, for eager calls and traced graphs alike.
 """
 from __future__ import annotations
 
@@ -20,10 +31,11 @@ import torch
 from torch import Tensor
 
 from agl import _load
-from agl._checks import check_inputs
+from agl._checks import check_grouped, check_inputs
 from agl.reference import AGLTerms
 
-__all__ = ["available", "supports_device", "with_cuda", "agl_terms_kernel", "SUM_NAMES", "TERM_NAMES"]
+__all__ = ["available", "supports_device", "with_cuda", "agl_terms_kernel", "agl_terms_grouped_kernel",
+           "set_cuda_grouped", "cuda_grouped_status", "SUM_NAMES", "TERM_NAMES"]
 
 SUM_NAMES = ("align", "task", "overlap", "cross", "task_fisher")
 TERM_NAMES = ("align", "task", "overlap", "geodesic")
@@ -109,21 +121,81 @@ if _EXT is not None:
 
     torch.library.register_autograd("agl::terms_fwd", _backward, setup_context=_setup_context)
 
-    class _TermsFwd(torch.autograd.Function):
-        """Eager autograd of ``agl::terms_fwd`` with the same setup/backward as the registration above, without the
-        per-call Python cost of the wrapper that ``register_autograd`` generates (it fills defaults from the schema
-        and redispatches: ~0.25 ms per call, as much as the kernel itself on a 192x576 rank-8 layer)."""
+    # ---- grouped ----
+    def _real(v):  # SymFloats (under tracing) are not checked here
+        return float(v) if isinstance(v, (int, float)) else 1.0
 
-        @staticmethod
-        def forward(ctx, B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps):
-            inputs = (B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps)
-            out = torch.ops.agl.terms_fwd(*inputs)  # grad mode is off here: straight to the kernel
-            _setup_context(ctx, inputs, out)
-            return out
+    def _grouped_check(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness, eps):
+        check_grouped(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, [_real(v) for v in scales],
+                      *(_real(v) for v in (beta, tau, sharpness, eps)))
 
-        @staticmethod
-        def backward(ctx, grad_terms, grad_sums):
-            return _backward(ctx, grad_terms, grad_sums)
+    def _grouped_out_dtype(Bs):
+        return torch.float64 if any(B.dtype == torch.float64 for B in Bs) else torch.float32
+
+    def _grouped_grad_shapes(Bs, As, B_aligns, Us, Vs):
+        """Shapes of grad_Bs, grad_As, grad_B_aligns, grad_A_aligns (align pairs formed from U/V get no own grads)."""
+        project = bool(Us) or bool(Vs)
+        ras = [0 if project or not B_aligns or B_aligns[l] is None else B_aligns[l].shape[1] for l in range(len(Bs))]
+        return ([B.shape for B in Bs], [A.shape for A in As], [(B.shape[0], ra) for B, ra in zip(Bs, ras)],
+                [(ra, A.shape[1]) for A, ra in zip(As, ras)])
+
+    @torch.library.register_fake("agl::terms_grouped_fwd")
+    def _grouped_fwd_fake(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness,
+                          eps):
+        _grouped_check(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness, eps)
+        acc = _grouped_out_dtype(Bs)
+        return Bs[0].new_empty((len(Bs), 4), dtype=acc), Bs[0].new_empty((len(Bs), 5), dtype=acc)
+
+    @torch.library.register_fake("agl::terms_grouped_bwd")
+    def _grouped_bwd_fake(grad_terms, sums, Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta,
+                          tau, sharpness, eps):
+        _grouped_check(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness, eps)
+        L = len(Bs)
+        for name, t, k in (("grad_terms", grad_terms, 4), ("sums", sums, 5)):
+            if tuple(t.shape) != (L, k) or t.device != Bs[0].device:
+                raise ValueError(f"agl: `{name}` must have shape ({L}, {k}) on {Bs[0].device}, got "
+                                 f"{tuple(t.shape)} on {t.device}")
+        shapes = _grouped_grad_shapes(Bs, As, B_aligns, Us, Vs)
+        return tuple([B.new_empty(s) for B, s in zip(Bs, ss)] for ss in shapes)
+
+    _GROUPED_LISTS = 8  # Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics
+
+    def _grouped_setup_context(ctx, inputs, output):
+        lists, scalars = inputs[:_GROUPED_LISTS], inputs[_GROUPED_LISTS:]
+        ctx.mark_non_differentiable(output[1])
+        ctx.lens = [len(x) for x in lists]
+        ctx.save_for_backward(*(t for x in lists for t in x), output[1])
+        ctx.scalars = (list(scalars[0]),) + tuple(scalars[1:])
+
+    def _grouped_none(lst):
+        """The "no gradient" entry for a list input: a list of Nones when autograd saw it as a list of tensors (all
+        entries tensors, or empty), else None (a list holding None is a single non-tensor argument to autograd)."""
+        return [None] * len(lst) if all(isinstance(t, Tensor) for t in lst) else None
+
+    def _make_grouped_backward(bwd_op):
+        def backward(ctx, grad_terms, grad_sums):  # grad_sums: the sums are not differentiable, ignored
+            saved = ctx.saved_tensors
+            sums, it = saved[-1], iter(saved[:-1])
+            lists = [[next(it) for _ in range(n)] for n in ctx.lens]
+            if grad_terms is None:
+                grad_terms = sums.new_zeros((len(lists[0]), 4))
+            grads = bwd_op(grad_terms, sums, *lists, *ctx.scalars)
+            out = []
+            for k in range(_GROUPED_LISTS):
+                need = ctx.needs_input_grad[k]
+                if k >= 4 or not isinstance(need, list):
+                    out.append(_grouped_none(lists[k]))
+                    continue
+                out.append([g if (nd and lists[k][l] is not None) else None
+                            for l, (g, nd) in enumerate(zip(grads[k], need))])
+            return tuple(out) + (None,) * 5
+        return backward
+
+    torch.library.register_autograd("agl::terms_grouped_fwd", _make_grouped_backward(torch.ops.agl.terms_grouped_bwd),
+                                    setup_context=_grouped_setup_context)
+    torch.library.register_autograd("agl::terms_grouped_null",
+                                    _make_grouped_backward(torch.ops.agl.terms_grouped_null_bwd),
+                                    setup_context=_grouped_setup_context)
 
 
 def agl_terms_kernel(
@@ -146,8 +218,42 @@ def agl_terms_kernel(
         raise RuntimeError(f"agl: the fused kernel is unavailable: {_load.load_error()}")
     inputs = (B, A, B_align, A_align, fisher, task_metric, align_mask,
               float(scale), float(beta), float(tau), float(sharpness), float(eps))
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        terms, _ = _TermsFwd.apply(*inputs)  # eager: the lean autograd path (same kernels, same results)
-    else:
-        terms, _ = torch.ops.agl.terms_fwd(*inputs)  # traced graphs (and no-grad calls) see the custom op itself
+    terms, _ = torch.ops.agl.terms_fwd(*inputs)
     return AGLTerms(*terms.unbind())  # one view op (and one autograd node) instead of four selects
+
+
+def agl_terms_grouped_kernel(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness,
+                             eps, null: bool = False) -> Tensor:
+    """The (L, 4) terms from ``agl::terms_grouped_fwd`` (``null``: the do-nothing provider); lists as normalised by
+    :func:`agl._checks.grouped_lists` (see :func:`agl.functional.agl_terms_grouped`)."""
+    if _EXT is None:
+        raise RuntimeError(f"agl: the fused kernel is unavailable: {_load.load_error()}")
+    if any(t is None for t in B_aligns) or any(t is None for t in A_aligns):
+        # autograd sees a tensor list holding None as one opaque argument (no gradients for its tensors): stand an
+        # empty (m, 0) x (0, n) pair in for a missing one (D_A = 0, exactly what "no align pair" means)
+        # (only where both are missing: a half pair is left for the op to report)
+        pairs = [(Ba, Aa) if (Ba is not None or Aa is not None) else (B.new_empty((B.shape[0], 0)),
+                                                                        A.new_empty((0, A.shape[1])))
+                 for B, A, Ba, Aa in zip(Bs, As, B_aligns, A_aligns)]
+        B_aligns, A_aligns = [p[0] for p in pairs], [p[1] for p in pairs]
+    op = torch.ops.agl.terms_grouped_null if null else torch.ops.agl.terms_grouped_fwd
+    terms, _ = op(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, float(beta), float(tau),
+                  float(sharpness), float(eps))
+    return terms
+
+
+def set_cuda_grouped(enable: bool) -> bool:
+    """Switch the opt-in single-launch CUDA implementation of the grouped op on or off (default: off, or on with
+    ``AGL_CUDA_GROUPED=1`` in the environment at import). Returns whether it is now in use, i.e. switched on and
+    compiled into this build; otherwise the grouped op loops over the verified per-layer CUDA kernels."""
+    if _EXT is None:
+        raise RuntimeError(f"agl: the fused kernel is unavailable: {_load.load_error()}")
+    return bool(torch.ops.agl.set_cuda_grouped(bool(enable)))
+
+
+def cuda_grouped_status() -> dict:
+    """``{"enabled": bool, "implementation": name or None}`` of the opt-in CUDA grouped implementation."""
+    if _EXT is None:
+        return {"enabled": False, "implementation": None}
+    enabled, name = _EXT.cuda_grouped_status()
+    return {"enabled": bool(enabled), "implementation": name}

@@ -1,17 +1,22 @@
 """AGLLoss overhead on one training step of a SmolLM2-135M-shaped Llama built from its config (hidden 576,
 intermediate 1536, 30 layers, 9 heads, 3 kv heads, vocab 49152; random weights, nothing downloaded), LoRA r=8 on
-q/k/v/o: plain LoRA vs + AGLLoss (torch backend) vs + AGLLoss (kernel backend, skipped when not built).
-Target: <= 10 % overhead with the kernel on CPU.
+q/k/v/o (120 LoRA layers): plain LoRA vs + AGLLoss with
+  - ``kernel``: the default, one grouped op call per step (agl_terms_grouped; U/V projections inside the op),
+  - ``kernel per-layer``: the previous path, one agl_terms call and two projection matmuls per layer,
+  - ``null op``: AGLLoss's host path with the do-nothing op of the same signature (the floor of the harness),
+  - ``torch``: the pure-PyTorch reference, layer by layer (--no-torch skips it).
+Target: <= 10 % step overhead with the kernel on CPU.
 
-    python bench/bench_loss.py [--batch 2 --seq 128 --steps 3 --layers 30]
+    python bench/bench_loss.py [--batch 2 --seq 128 --steps 5 --layers 30]
 
 A step is forward, loss, backward and an AdamW step. Also times the regulariser alone (forward + backward).
-Prints a table and adds a row to bench/results/bench_loss.json (bench/_results.py: one row per configuration and
-commit, with provenance).
+Configurations are interleaved step by step so machine-load drift hits all alike. Prints a table and adds a row to
+bench/results/bench_loss.json (bench/_results.py: one row per configuration and commit, with provenance).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -58,12 +63,66 @@ def synthetic_state(model, seed: int = 0):
     return AlignmentState(layers, 1)
 
 
+class _PerLayer:
+    """The pre-grouped AGLLoss path, for comparison: one agl_terms call and two projection matmuls per layer."""
+
+    @staticmethod
+    def term_matrix(loss, backend):
+        from agl.functional import agl_terms
+
+        c, rows = loss.config, []
+        for e in loss.entries:
+            L, R = (e.A.t(), e.B.t()) if e.binding.fan_in_fan_out else (e.B, e.A)
+            F, H, U, V = loss._tensors(e, L.device, L.dtype)
+            L_al = L if U is None else U @ (U.t() @ L)
+            R_al = R if V is None else (R @ V) @ V.t()
+            t = agl_terms(L, R, L_al, R_al, fisher=F, task_metric=H, scale=e.scaling, beta=c.beta, tau=c.tau,
+                          sharpness=c.sharpness, eps=c.eps, backend=backend)
+            rows.append(torch.stack(list(t)))
+        return torch.stack(rows)
+
+
+def _null_grouped(Bs, As, B_aligns=None, A_aligns=None, *, Us=None, Vs=None, fishers=None, task_metrics=None,
+                  scales, beta=4.0, tau=0.01, sharpness=100.0, eps=1e-12, backend="auto"):
+    """agl_terms_grouped with the do-nothing op (same argument handling, same autograd wiring)."""
+    from agl import ops
+    from agl._checks import grouped_lists
+
+    x = grouped_lists(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales)
+    args = [x[k] for k in ("Bs", "As", "B_aligns", "A_aligns", "Us", "Vs", "fishers", "task_metrics", "scales")]
+    return ops.agl_terms_grouped_kernel(*args, beta, tau, sharpness, eps, null=True)
+
+
+@contextlib.contextmanager
+def _provider(kind):
+    """AGLLoss with the per-layer path or the null op for the duration of a step (bench only)."""
+    import agl.loss as agl_loss
+
+    if kind == "per-layer":
+        orig = agl_loss.AGLLoss._term_matrix
+        agl_loss.AGLLoss._term_matrix = _PerLayer.term_matrix
+        try:
+            yield
+        finally:
+            agl_loss.AGLLoss._term_matrix = orig
+    elif kind == "null":
+        orig = agl_loss.agl_terms_grouped
+        agl_loss.agl_terms_grouped = _null_grouped
+        try:
+            yield
+        finally:
+            agl_loss.agl_terms_grouped = orig
+    else:
+        yield
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 1 warm-up)")
     ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--no-torch", action="store_true", help="skip the (slow) pure-PyTorch reference configuration")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_loss.json"))
     args = ap.parse_args(argv)
     prov = provenance()  # at the start: the load the run began under
@@ -77,10 +136,15 @@ def main(argv=None):
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     have_kernel = resolve_backend("auto", torch.device("cpu")) == "kernel"
-    configs = {"plain LoRA": None, "+AGLLoss torch": "torch"}
+    # name -> (backend, provider)
+    configs = {"plain LoRA": (None, None)}
+    if not args.no_torch:
+        configs["+AGLLoss torch"] = ("torch", None)
     if have_kernel:
-        configs["+AGLLoss kernel"] = "kernel"
-    losses = {name: (AGLLoss(model, state, AGLConfig(backend=be)) if be else None) for name, be in configs.items()}
+        configs["+AGLLoss kernel"] = ("kernel", None)
+        configs["+AGLLoss kernel per-layer"] = ("kernel", "per-layer")
+        configs["+AGLLoss null op"] = ("kernel", "null")
+    losses = {name: (AGLLoss(model, state, AGLConfig(backend=be)) if be else None) for name, (be, _) in configs.items()}
 
     def step(L):
         loss = model(**batch).loss
@@ -96,21 +160,24 @@ def main(argv=None):
 
     times = {name: [] for name in configs}
     cpu = {name: [] for name in configs}
-    reg_times = {name: [] for name in configs if configs[name]}
+    reg_times = {name: [] for name in configs if configs[name][0]}
+    load_before = os.getloadavg()
     for name, L in losses.items():
-        step(L)  # warm-up
-        if L is not None:
-            reg_only(L)
+        with _provider(configs[name][1]):
+            step(L)  # warm-up
+            if L is not None:
+                reg_only(L)
     for _ in range(args.steps):  # interleave configurations so machine-load drift hits all alike
         for name, L in losses.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(L)
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-            if L is not None:
-                t0 = time.perf_counter()
-                reg_only(L)
-                reg_times[name].append(time.perf_counter() - t0)
+            with _provider(configs[name][1]):
+                t0, c0 = time.perf_counter(), time.process_time()
+                step(L)
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+                if L is not None:
+                    t0 = time.perf_counter()
+                    reg_only(L)
+                    reg_times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["plain LoRA"])
     base_cpu = statistics.median(cpu["plain LoRA"])
     rows = {}
@@ -122,18 +189,22 @@ def main(argv=None):
         if name in reg_times:
             rows[name]["regularizer_fwd_bwd_s"] = statistics.median(reg_times[name])
             rows[name]["regularizer_overhead_pct"] = 100 * rows[name]["regularizer_fwd_bwd_s"] / base
-    n_layers = len(losses["+AGLLoss torch"].entries)
+    n_layers = len(next(L for L in losses.values() if L is not None).entries)
     print(f"One training step, SmolLM2-135M-shaped Llama ({args.layers} layers, {n_layers} LoRA layers r=8), batch "
-          f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} CPU threads")
-    print(f"{'configuration':<18}{'step s':>10}{'overhead':>10}{'CPU s':>9}{'CPU ovh':>9}{'reg fwd+bwd s':>15}{'reg / step':>12}")
+          f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} CPU threads, load average "
+          f"{load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"{'configuration':<27}{'step s':>10}{'overhead':>10}{'CPU s':>9}{'CPU ovh':>9}{'reg fwd+bwd s':>15}"
+          f"{'reg / step':>12}")
     for name, r in rows.items():
         rs = r.get("regularizer_fwd_bwd_s")
-        print(f"{name:<18}{r['median_step_s']:>10.3f}{r['overhead_pct']:>9.1f}%{r['median_step_cpu_s']:>9.2f}{r['overhead_cpu_pct']:>8.1f}%"
-              + (f"{rs:>15.3f}{r['regularizer_overhead_pct']:>11.1f}%" if rs is not None else ""))
+        print(f"{name:<27}{r['median_step_s']:>10.3f}{r['overhead_pct']:>9.1f}%{r['median_step_cpu_s']:>9.2f}"
+              f"{r['overhead_cpu_pct']:>8.1f}%"
+              + (f"{rs:>15.4f}{r['regularizer_overhead_pct']:>11.1f}%" if rs is not None else ""))
     if not have_kernel:
-        print("(kernel backend skipped: agl's compiled extension is not built)")
+        print("(kernel backends skipped: agl's compiled extension is not built)")
     row = {"bench": "agl_loss_overhead", **{k: v for k, v in vars(args).items() if k != "out"},
-           "threads": torch.get_num_threads(), "results": rows, "kernel": have_kernel, "torch": torch.__version__}
+           "threads": torch.get_num_threads(), "lora_layers": n_layers, "results": rows, "kernel": have_kernel,
+           "torch": torch.__version__, "load_avg_before": list(load_before)}
     append_rows(args.out, [row], prov, key=ROW_KEY)
     return 0
 

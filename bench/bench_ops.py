@@ -5,8 +5,10 @@
     python bench/bench_ops.py --shapes 4096x4096r16 --dtypes float32 --providers agl,eager
 
 Modes: forward (terms with the autograd graph built), backward (grads of a weighted sum of the terms, the forward
-untimed), fwd+bwd. Providers: agl (agl.functional.agl_terms, backend="kernel"), eager (agl.reference.agl_terms),
-compiled (torch.compile(agl.reference.agl_terms)). Inputs: B, A, B_align, A_align of rank r, fisher and task_metric
+untimed), fwd+bwd. Providers: agl (agl.functional.agl_terms, backend="kernel"), grouped (the same layer through
+agl.functional.agl_terms_grouped, a 1-layer group), null (the grouped op's do-nothing twin ``agl::terms_grouped_null``
+through the same Python path and autograd: the floor the harness and the host path impose), eager
+(agl.reference.agl_terms), compiled (torch.compile(agl.reference.agl_terms)). Inputs: B, A, B_align, A_align of rank r, fisher and task_metric
 (the usual AGL setting). Timings: median / p20 / p80 over --reps repetitions after warm-up. Peak memory: on CUDA
 torch.cuda.max_memory_allocated() above the inputs; on CPU the peak-RSS increase of a fresh subprocess per
 (shape, dtype, provider) that builds the inputs and then runs forward and fwd+bwd once (tracemalloc cannot see
@@ -35,12 +37,12 @@ sys.path.insert(0, str(ROOT))
 from _results import append_rows, provenance  # noqa: E402  (bench/_results.py, same directory)
 
 from agl import reference  # noqa: E402
-from agl.functional import agl_terms  # noqa: E402
+from agl.functional import agl_terms, agl_terms_grouped  # noqa: E402
 
 ALL_SHAPES = ["576x576r8", "4096x4096r16", "4096x11008r16", "11008x4096r64"]
 QUICK_SHAPES = ["576x576r8", "4096x4096r16"]
 MODES = ["forward", "backward", "fwd+bwd"]
-PROVIDERS = ["agl", "eager", "compiled"]
+PROVIDERS = ["agl", "grouped", "null", "eager", "compiled"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 WEIGHTS = (1.0, 0.5, 0.25, 0.1)
 ROW_KEY = ("device", "threads", "torch", "shape", "dtype", "mode", "provider")  # a measurement's identity
@@ -92,6 +94,14 @@ def provider_fn(provider):
     global _COMPILED
     if provider == "agl":
         return lambda B, A, Ba, Aa, F, H: agl_terms(B, A, Ba, Aa, fisher=F, task_metric=H, backend="kernel")
+    if provider == "grouped":
+        return lambda B, A, Ba, Aa, F, H: agl_terms_grouped([B], [A], [Ba], [Aa], fishers=[F], task_metrics=[H],
+                                                            scales=[1.0], backend="kernel")[0].unbind()
+    if provider == "null":
+        from agl import ops
+
+        return lambda B, A, Ba, Aa, F, H: ops.agl_terms_grouped_kernel(
+            [B], [A], [Ba], [Aa], [], [], [F], [H], [1.0], 4.0, 0.01, 100.0, 1e-12, null=True)[0].unbind()
     if provider == "eager":
         return lambda B, A, Ba, Aa, F, H: reference.agl_terms(B, A, Ba, Aa, fisher=F, task_metric=H)
     if provider == "compiled":

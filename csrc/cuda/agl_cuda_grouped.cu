@@ -546,7 +546,7 @@ int64_t persistent_ctas(Kernel kernel, size_t smem, int64_t items) {
 }  // namespace grouped
 
 template <typename T, typename TM, typename Acc>
-void grouped_fwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
+void grouped_terms_fwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
                       const EtaParams<Acc>& eta, Acc eps, Acc* terms, Acc* sums, Acc* ws, void* stream_ptr) {
   using namespace grouped;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
@@ -564,7 +564,7 @@ void grouped_fwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, cons
 }
 
 template <typename T, typename TM, typename Acc>
-void grouped_bwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
+void grouped_terms_bwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
                       const EtaParams<Acc>& eta, Acc eps, const Acc* grad_terms, const Acc* sums, Acc* ws,
                       void* stream_ptr) {
   using namespace grouped;
@@ -583,9 +583,9 @@ void grouped_bwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, cons
 }
 
 #define AGL_INSTANTIATE_GROUPED(T, TM, ACC)                                                                       \
-  template void grouped_fwd_cuda<T, TM, ACC>(const GroupedLayerDesc<T, TM, ACC>*, int64_t, const GroupedTotals&,  \
+  template void grouped_terms_fwd_cuda<T, TM, ACC>(const GroupedLayerDesc<T, TM, ACC>*, int64_t, const GroupedTotals&,  \
                                              const EtaParams<ACC>&, ACC, ACC*, ACC*, ACC*, void*);                 \
-  template void grouped_bwd_cuda<T, TM, ACC>(const GroupedLayerDesc<T, TM, ACC>*, int64_t, const GroupedTotals&,  \
+  template void grouped_terms_bwd_cuda<T, TM, ACC>(const GroupedLayerDesc<T, TM, ACC>*, int64_t, const GroupedTotals&,  \
                                              const EtaParams<ACC>&, ACC, const ACC*, const ACC*, ACC*, void*);
 
 #ifndef AGL_CUDA_QUICK

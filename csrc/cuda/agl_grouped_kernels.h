@@ -101,10 +101,10 @@ int64_t grouped_max_rank(size_t acc_size);
 // device. Backward: grad_terms (L, 4) and sums (L, 5) Acc on the device; writes every element of the dB/dA/dBa/dAa
 // outputs named in the table. ws: workspace of totals.ws_fwd / ws_bwd Acc elements (uninitialised is fine).
 template <typename T, typename TM, typename Acc>
-void grouped_fwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
+void grouped_terms_fwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
                       const EtaParams<Acc>& eta, Acc eps, Acc* terms, Acc* sums, Acc* ws, void* stream);
 template <typename T, typename TM, typename Acc>
-void grouped_bwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
+void grouped_terms_bwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
                       const EtaParams<Acc>& eta, Acc eps, const Acc* grad_terms, const Acc* sums, Acc* ws,
                       void* stream);
 

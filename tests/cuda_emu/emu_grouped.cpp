@@ -72,7 +72,7 @@ std::vector<LayerData<T, TM>> make_layers(const std::vector<LayerSpec>& specs, u
   return out;
 }
 
-// The emulated grouped_fwd_cuda + grouped_bwd_cuda for the layers `which` (in that order), with `ctas` persistent CTAs.
+// The emulated grouped_terms_fwd_cuda + grouped_terms_bwd_cuda for the layers `which` (in that order), with `ctas` persistent CTAs.
 template <typename T, typename TM, typename Acc>
 Result<T, TM, Acc> run_grouped(std::vector<LayerData<T, TM>>& layers, const std::vector<int>& which, int64_t ctas) {
   const int64_t L = int64_t(which.size());

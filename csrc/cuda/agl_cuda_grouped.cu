@@ -545,6 +545,29 @@ int64_t persistent_ctas(Kernel kernel, size_t smem, int64_t items) {
 }
 }  // namespace grouped
 
+namespace grouped {
+constexpr int kChunkBytes = 3968;  // kernel parameters stay under the classic 4 KB limit
+struct TableChunk {
+  unsigned char b[kChunkBytes];
+};
+
+__global__ void upload_table_chunk_kernel(const TableChunk chunk, int bytes, unsigned char* __restrict__ dst) {
+  for (int i = threadIdx.x; i < bytes; i += blockDim.x) dst[i] = chunk.b[i];
+}
+}  // namespace grouped
+
+void grouped_upload_table(const void* host, size_t bytes, void* dev, void* stream_ptr) {
+  using namespace grouped;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  for (size_t off = 0; off < bytes; off += kChunkBytes) {
+    TableChunk c;
+    const size_t nb = std::min<size_t>(kChunkBytes, bytes - off);
+    std::memcpy(c.b, static_cast<const unsigned char*>(host) + off, nb);
+    upload_table_chunk_kernel<<<1, 256, 0, stream>>>(c, static_cast<int>(nb), static_cast<unsigned char*>(dev) + off);
+    check_cuda(cudaGetLastError(), "agl upload_table_chunk_kernel launch");
+  }
+}
+
 template <typename T, typename TM, typename Acc>
 void grouped_terms_fwd_cuda(const GroupedLayerDesc<T, TM, Acc>* table, int64_t L, const GroupedTotals& t,
                       const EtaParams<Acc>& eta, Acc eps, Acc* terms, Acc* sums, Acc* ws, void* stream_ptr) {

@@ -9,8 +9,8 @@
 //     accumulation type (float64 factors -> float64 terms, otherwise float32);
 //   * a rank above grouped_max_rank (the factor tiles live in shared memory whole);
 //   * anything not contiguous or not on the device of the first layer.
-// The layer table travels to the device through pinned memory with an asynchronous copy on the current stream: no
-// host synchronisation anywhere (the caching host allocator keeps the pinned block until the copy has run).
+// The layer table travels to the device as kernel parameters of tiny copy kernels (grouped_upload_table): no host
+// synchronisation, and CUDA-graph capture records it by value (a pinned staging buffer would be re-read at replay).
 #include <ATen/ATen.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAStream.h>
@@ -100,21 +100,21 @@ bool make_table(const std::vector<GroupedLayer>& layers, std::vector<GroupedLaye
   return true;
 }
 
-// The table in device memory: pinned staging + asynchronous copy on the current stream.
+void* stream_ptr() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
+
+// The table in device memory (caching allocator: graph-private under capture), filled on the current stream.
 template <typename Desc>
 Tensor upload_table(const std::vector<Desc>& table, const at::Device& dev) {
-  const int64_t bytes = static_cast<int64_t>(table.size() * sizeof(Desc));
-  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), table.data(), static_cast<size_t>(bytes));
-  return host.to(at::TensorOptions().device(dev).dtype(at::kByte), /*non_blocking=*/true);
+  const size_t bytes = table.size() * sizeof(Desc);
+  Tensor out = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().device(dev).dtype(at::kByte));
+  grouped_upload_table(table.data(), bytes, out.data_ptr(), stream_ptr());
+  return out;
 }
 
 template <typename Acc>
 EtaParams<Acc> eta_of(const GroupedParams& p) {
   return EtaParams<Acc>{static_cast<Acc>(p.beta), static_cast<Acc>(p.tau), static_cast<Acc>(p.sharpness)};
 }
-
-void* stream_ptr() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 
 bool grouped_tc_fwd(const std::vector<GroupedLayer>& layers, const GroupedParams& p, Tensor& terms, Tensor& sums) {
   if (layers.empty()) return false;

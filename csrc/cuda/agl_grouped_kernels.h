@@ -97,6 +97,11 @@ size_t grouped_smem_bytes(int64_t rank_pad, bool backward, size_t acc_size);
 // Largest padded rank the kernels take (the glue declines larger ones: the per-layer kernels handle them).
 int64_t grouped_max_rank(size_t acc_size);
 
+// Copies the host layer table (bytes) to dev (device memory) on the stream, as kernel parameters of tiny copy kernels
+// (about 4 KB each): no pinned staging buffer whose contents a CUDA graph would re-read at replay, no host sync, and
+// safe under stream capture (parameters are captured by value).
+void grouped_upload_table(const void* host, size_t bytes, void* dev, void* stream);
+
 // Launchers (agl_cuda_grouped.cu). table: device copy of the layer table. Forward: terms (L, 4), sums (L, 5), Acc,
 // device. Backward: grad_terms (L, 4) and sums (L, 5) Acc on the device; writes every element of the dB/dA/dBa/dAa
 // outputs named in the table. ws: workspace of totals.ws_fwd / ws_bwd Acc elements (uninitialised is fine).

@@ -64,6 +64,13 @@ __host__ __device__ constexpr MmaKind mma_kind() {
 #endif
 }
 
+// Factors of type T are exact in the mma input type: float16 in tf32 (same 11-bit significand, wider exponent),
+// bfloat16 in bf16. float32 factors are not (3 products), P/Q never are.
+template <typename T>
+__host__ __device__ constexpr bool factor_exact() {
+  return std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
+}
+
 // ---------------------------------------------------------------- shared-memory layout ----------------------------
 // In Acc units, for padded rank K (the call's maximum): Bs [kBM][K+4], As [K][kBN+8], Bas, Aas, then (backward) Ps,
 // Qs [kBM][kBN+8], then gs[8] and red[5 * 4].
@@ -170,7 +177,9 @@ struct View {
 //   m16n8k8 tf32:  a0 (g, t) a1 (g+8, t) a2 (g, t+4) a3 (g+8, t+4);  b0 (t, g) b1 (t+4, g)
 //   m16n8k16 bf16: a0 (g, 2t..2t+1) a1 (g+8, 2t..) a2 (g, 2t+8..) a3 (g+8, 2t+8..);  b0 (2t..2t+1, g) b1 (2t+8.., g)
 // The split products are issued small first (big*small, small*big, then big*big) so the small terms are not lost.
-template <MmaKind kKind, typename Acc>
+// kXExact / kYExact: the operand is exactly representable in the mma type (16-bit factors), so its small part is
+// zero and the product that would use it is skipped (the result is the same bits: it would add exact zeros).
+template <MmaKind kKind, bool kXExact = false, bool kYExact = false, typename Acc>
 __device__ __forceinline__ void warp_mma(Acc (&c)[4], const View<Acc> X, const View<Acc> Y, int K) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if constexpr (kKind == MmaKind::kFma || !std::is_same<Acc, float>::value) {
@@ -190,8 +199,8 @@ __device__ __forceinline__ void warp_mma(Acc (&c)[4], const View<Acc> X, const V
       for (int i = 0; i < 4; ++i) ab[i] = to_tf32(xv[i]), as[i] = to_tf32(xv[i] - tf32_value(ab[i]));
 #pragma unroll
       for (int i = 0; i < 2; ++i) bb[i] = to_tf32(yv[i]), bs[i] = to_tf32(yv[i] - tf32_value(bb[i]));
-      mma_tf32(c, ab, bs);
-      mma_tf32(c, as, bb);
+      if constexpr (!kYExact) mma_tf32(c, ab, bs);
+      if constexpr (!kXExact) mma_tf32(c, as, bb);
       mma_tf32(c, ab, bb);
     }
   } else {  // kBf16x3
@@ -210,8 +219,8 @@ __device__ __forceinline__ void warp_mma(Acc (&c)[4], const View<Acc> X, const V
       for (int i = 0; i < 4; ++i) ab[i] = pack2(xb[2 * i], xb[2 * i + 1]), as[i] = pack2(xs[2 * i], xs[2 * i + 1]);
 #pragma unroll
       for (int i = 0; i < 2; ++i) bb[i] = pack2(yb[2 * i], yb[2 * i + 1]), bs[i] = pack2(ys[2 * i], ys[2 * i + 1]);
-      mma_bf16(c, ab, bs);
-      mma_bf16(c, as, bb);
+      if constexpr (!kYExact) mma_bf16(c, ab, bs);
+      if constexpr (!kXExact) mma_bf16(c, as, bb);
       mma_bf16(c, ab, bb);
     }
   }
@@ -284,6 +293,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
     grouped_fwd_kernel(const GroupedLayerDesc<T, TM, Acc>* __restrict__ table, int64_t L, int64_t items,
                        int64_t rank_pad, EtaParams<Acc> eta, Acc* __restrict__ ws /* [items][5] */) {
   constexpr MmaKind kKind = mma_kind<T, Acc>();
+  constexpr bool kExact = factor_exact<T>();
   Acc* sm = dynamic_smem<Acc>();
   const Smem lay = smem_layout(rank_pad, false);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -304,10 +314,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
 #pragma unroll 1
         for (int j = 0; j < kBN / 8; ++j) {
           Acc cd[4] = {Acc(0), Acc(0), Acc(0), Acc(0)}, ca[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-          warp_mma<kKind>(cd, View<Acc>{sm + lay.off_B + warp * 16 * lay.ldb, lay.ldb, 1},
+          warp_mma<kKind, kExact, kExact>(cd, View<Acc>{sm + lay.off_B + warp * 16 * lay.ldb, lay.ldb, 1},
                           View<Acc>{sm + lay.off_A + j * 8, lay.lda, 1}, K);
           if (align) {
-            warp_mma<kKind>(ca, View<Acc>{sm + lay.off_Ba + warp * 16 * lay.ldb, lay.ldb, 1},
+            warp_mma<kKind, kExact, kExact>(ca, View<Acc>{sm + lay.off_Ba + warp * 16 * lay.ldb, lay.ldb, 1},
                             View<Acc>{sm + lay.off_Aa + j * 8, lay.lda, 1}, Ka);
           }
 #pragma unroll
@@ -359,7 +369,7 @@ __global__ void __launch_bounds__(kThreads)
 //   dX[row][k]          (+)= sum_j P[i][j] Ys[k][j]   warp: rows 16 warp.., all K/8 rank tiles
 //   dY[band][k][col]    (+)= sum_i Xs[i][k] P[i][j]   warp: columns 16 warp.. (two n8 tiles), all K/16 rank tiles
 // first_col / first_row: the first tile of the item touching the slot writes it, later ones add (same lane).
-template <MmaKind kKind, typename Acc>
+template <MmaKind kKind, bool kExact, typename Acc>
 __device__ void contract_tile(const Acc* Ps, int ldp, const Acc* Xs, int ldb, const Acc* Ys, int lda, int K,
                               int64_t rank, int64_t m, int64_t n, int64_t row0, int64_t col0, bool first_col,
                               bool first_row, Acc* __restrict__ dX /* [m][rank] */,
@@ -368,7 +378,7 @@ __device__ void contract_tile(const Acc* Ps, int ldp, const Acc* Xs, int ldb, co
 #pragma unroll 1
   for (int q = 0; q < K / 8; ++q) {
     Acc c[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-    warp_mma<kKind>(c, View<Acc>{Ps + warp * 16 * ldp, ldp, 1}, View<Acc>{Ys + q * 8 * lda, 1, lda}, kBN);
+    warp_mma<kKind, false, kExact>(c, View<Acc>{Ps + warp * 16 * ldp, ldp, 1}, View<Acc>{Ys + q * 8 * lda, 1, lda}, kBN);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t row = row0 + warp * 16 + g + (e >> 1) * 8, k = q * 8 + 2 * t + (e & 1);
@@ -384,7 +394,7 @@ __device__ void contract_tile(const Acc* Ps, int ldp, const Acc* Xs, int ldb, co
     for (int jj = 0; jj < 2; ++jj) {
       const int j = warp * 2 + jj;
       Acc c[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-      warp_mma<kKind>(c, View<Acc>{Xs + p * 16, 1, ldb}, View<Acc>{Ps + j * 8, ldp, 1}, kBM);
+      warp_mma<kKind, kExact, false>(c, View<Acc>{Xs + p * 16, 1, ldb}, View<Acc>{Ps + j * 8, ldp, 1}, kBM);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t k = p * 16 + g + (e >> 1) * 8, col = col0 + j * 8 + 2 * t + (e & 1);
@@ -403,6 +413,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
                        int64_t rank_pad, EtaParams<Acc> eta, Acc eps, const Acc* __restrict__ grad_terms,
                        const Acc* __restrict__ sums, Acc* __restrict__ ws) {
   constexpr MmaKind kKind = mma_kind<T, Acc>();
+  constexpr bool kExact = factor_exact<T>();
   Acc* sm = dynamic_smem<Acc>();
   const Smem lay = smem_layout(rank_pad, true);
   Acc* Ps = sm + lay.off_P;
@@ -444,10 +455,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
 #pragma unroll 1
         for (int j = 0; j < kBN / 8; ++j) {
           Acc cd[4] = {Acc(0), Acc(0), Acc(0), Acc(0)}, ca[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-          warp_mma<kKind>(cd, View<Acc>{sm + lay.off_B + warp * 16 * lay.ldb, lay.ldb, 1},
+          warp_mma<kKind, kExact, kExact>(cd, View<Acc>{sm + lay.off_B + warp * 16 * lay.ldb, lay.ldb, 1},
                           View<Acc>{sm + lay.off_A + j * 8, lay.lda, 1}, K);
           if (align) {
-            warp_mma<kKind>(ca, View<Acc>{sm + lay.off_Ba + warp * 16 * lay.ldb, lay.ldb, 1},
+            warp_mma<kKind, kExact, kExact>(ca, View<Acc>{sm + lay.off_Ba + warp * 16 * lay.ldb, lay.ldb, 1},
                             View<Acc>{sm + lay.off_Aa + j * 8, lay.lda, 1}, Ka);
           }
 #pragma unroll
@@ -466,10 +477,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
         }
         __syncthreads();  // P/Q complete
         const bool first_col = ct == 0, first_row = rt == rt0;
-        contract_tile<kKind>(Ps, lay.lda, sm + lay.off_B, lay.ldb, sm + lay.off_A, lay.lda, K, Ld.r, m, n, row0, col0,
+        contract_tile<kKind, kExact>(Ps, lay.lda, sm + lay.off_B, lay.ldb, sm + lay.off_A, lay.lda, K, Ld.r, m, n, row0, col0,
                              first_col, first_row, dB, dA);
         if (align) {
-          contract_tile<kKind>(Qs, lay.lda, sm + lay.off_Ba, lay.ldb, sm + lay.off_Aa, lay.lda, Ka, Ld.ra, m, n, row0,
+          contract_tile<kKind, kExact>(Qs, lay.lda, sm + lay.off_Ba, lay.ldb, sm + lay.off_Aa, lay.lda, Ka, Ld.ra, m, n, row0,
                                col0, first_col, first_row, dBa, dAa);
         }
       }

@@ -215,6 +215,51 @@ bool run_group(const char* name, const std::vector<LayerSpec>& specs, double tol
   return ok;
 }
 
+// warp_mma alone on one warp: C (16 x 8) += X (16 x K) Y (K x 8) through row-major and transposed views (the
+// rebuild reads both operands row-major, the grad_B contraction reads Y transposed, grad_A reads X transposed), for
+// values that need the big + small split (a + b 2^-13: not exact in tf32 or bf16), against a double product.
+template <grouped::MmaKind kKind, bool kXExact, bool kYExact>
+bool check_warp_mma(const char* name, double tol) {
+  constexpr int K = 32;
+  std::vector<float> X(16 * K), Y(K * 8), Xt(K * 16), Yt(8 * K);
+  auto val = [](int i, int j, bool exact) {
+    const float a = float((i * 7 + j * 3) % 9 - 4);
+    return exact ? a : a + float((i + 2 * j) % 5 - 2) * 0x1p-13f;
+  };
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < K; ++k) X[i * K + k] = Xt[k * 16 + i] = val(i, k, kXExact);
+  for (int k = 0; k < K; ++k)
+    for (int j = 0; j < 8; ++j) Y[k * 8 + j] = Yt[j * K + k] = val(k + 3, j, kYExact);
+  bool ok = true;
+  for (int v = 0; v < 4; ++v) {
+    const bool xt = v & 1, yt = v & 2;
+    const grouped::View<float> xv = xt ? grouped::View<float>{Xt.data(), 1, 16} : grouped::View<float>{X.data(), K, 1};
+    const grouped::View<float> yv = yt ? grouped::View<float>{Yt.data(), 1, K} : grouped::View<float>{Y.data(), 8, 1};
+    std::vector<float> C(16 * 8, 0.5f);  // a non-zero accumulator: the mma adds to it
+    launch(dim3{1, 1, 1}, 32, 0, [&] {
+      const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+      float c[4];
+      for (int e = 0; e < 4; ++e) c[e] = C[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)];
+      grouped::warp_mma<kKind, kXExact, kYExact>(c, xv, yv, K);
+      g_warp_barrier[0]->arrive_and_wait();  // every lane has read its C before anyone writes
+      for (int e = 0; e < 4; ++e) C[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
+    });
+    double worst = 0;
+    for (int i = 0; i < 16; ++i) {
+      for (int j = 0; j < 8; ++j) {
+        double ref = 0.5;
+        for (int k = 0; k < K; ++k) ref += double(X[i * K + k]) * double(Y[k * 8 + j]);
+        worst = std::max(worst, std::fabs(C[i * 8 + j] - ref) / std::max(1.0, std::fabs(ref)));
+      }
+    }
+    const bool good = worst <= tol;
+    ok &= good;
+    std::printf("%-4s warp_mma %-18s X %s, Y %s: worst err %.3g\n", good ? "ok" : "FAIL", name,
+                xt ? "transposed" : "row-major", yt ? "transposed" : "row-major", worst);
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -228,6 +273,13 @@ int main() {
   const std::vector<LayerSpec> small = {{67, 131, 3, 5, true, false}, {130, 70, 8, 0, false, true},
                                         {65, 66, 16, 16, true, true}};
   bool ok = true;
+  using grouped::MmaKind;
+  ok &= check_warp_mma<MmaKind::kTf32x3, false, false>("3xTF32", 1e-6);
+  ok &= check_warp_mma<MmaKind::kTf32x3, true, false>("TF32, X exact", 1e-6);
+  ok &= check_warp_mma<MmaKind::kTf32x3, false, true>("TF32, Y exact", 1e-6);
+  ok &= check_warp_mma<MmaKind::kBf16x3, false, false>("3xBF16", 1e-5);
+  ok &= check_warp_mma<MmaKind::kBf16x3, true, true>("BF16, both exact", 0);
+  ok &= check_warp_mma<MmaKind::kFma, false, false>("FMA", 1e-6);
   ok &= run_group<float, float, float>("f32 3xTF32", mixed, 2e-5, 21, true);
   ok &= run_group<c10::BFloat16, c10::BFloat16, float>("bf16 3xBF16", mixed, 1e-2, 22, false);
   ok &= run_group<c10::Half, float, float>("f16 factors 3xTF32", small, 2e-3, 23, false);

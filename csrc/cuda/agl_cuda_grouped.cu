@@ -204,6 +204,7 @@ __device__ __forceinline__ void warp_mma(Acc (&c)[4], const View<Acc> X, const V
       mma_tf32(c, ab, bb);
     }
   } else {  // kBf16x3
+#pragma unroll 1  // the fully unrolled bf16 k loop (K = 64 in the contractions) needs more than 168 registers
     for (int k0 = 0; k0 < K; k0 += 16) {
       const float xv[8] = {X(g, k0 + 2 * t),     X(g, k0 + 2 * t + 1),     X(g + 8, k0 + 2 * t),
                            X(g + 8, k0 + 2 * t + 1), X(g, k0 + 2 * t + 8), X(g, k0 + 2 * t + 9),

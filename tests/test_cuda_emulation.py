@@ -50,10 +50,14 @@ def test_cuda_kernels_emulated_on_cpu(tmp_path):
 
 
 def test_grouped_cuda_kernels_emulated_on_cpu(tmp_path):
-    """The grouped kernels (csrc/cuda/agl_cuda_grouped.cu) with the mma.sync fragment emulator: mixed odd-shaped
-    layers against the float64 oracle per dtype, and bitwise equality of a layer alone and its row of the grouped
+    """The grouped kernels (csrc/cuda/agl_cuda_grouped.cu) with the mma.sync fragment emulator: warp_mma alone
+    (row-major and transposed views, every mma kind), mixed odd-shaped layers against the float64 oracle per dtype,
+    and bitwise equality of a layer alone and its row of the grouped
     call, and across persistent-CTA counts (tests/cuda_emu/emu_grouped.cpp)."""
     out = _build_and_run(tmp_path, "emu_grouped.cpp")
+    assert "FAIL" not in out, out[-4000:]
+    for kind in ("3xTF32", "3xBF16", "BF16, both exact", "FMA"):  # warp_mma through every view, each mma kind
+        assert out.count(f"ok   warp_mma {kind} ") == 4, out[:3000]
     for what in ("f32 3xTF32", "bf16 3xBF16", "f16 factors 3xTF32", "f64 FMA"):
         assert f"ok   {what}" in out, out[-4000:]
     assert "every layer alone == its row of the grouped call, bitwise" in out

@@ -283,9 +283,37 @@ __device__ void block_sum5(Acc (&v)[kNumSums], Acc* red) {
   __syncthreads();  // red is reused by the next item
 }
 
+// Two adjacent metric values, aligned so that they are one load (8 B for float, 4 B for 16-bit).
+template <typename TM>
+struct alignas(2 * sizeof(TM)) MetricPair {
+  TM v[2];
+};
+
+// Whether the metric rows of a layer can be read as aligned pairs (n even and the pointer aligned; columns of a lane
+// start at even offsets from a tile edge, a multiple of 64).
+template <typename TM>
+__device__ __forceinline__ bool pairs_ok(const TM* p, int64_t n) {
+  return p == nullptr || (n % 2 == 0 && reinterpret_cast<uintptr_t>(p) % (2 * sizeof(TM)) == 0);
+}
+
+// The lane's metric values for one n8 tile in C-fragment order (e = 2 h + c: row `row` + 8 h, column `col` + c);
+// 1 where the metric is absent, 0 outside the grid (those elements are skipped anyway).
 template <typename TM, typename Acc>
-__device__ __forceinline__ Acc metric_at(const TM* p, int64_t idx) {
-  return p != nullptr ? static_cast<Acc>(p[idx]) : Acc(1);
+__device__ __forceinline__ void load_frag_metric(const TM* __restrict__ p, int64_t m, int64_t n, int64_t row, int64_t col,
+                                                 bool pair, Acc (&o)[4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t r = row + 8 * h;
+    if (p == nullptr) {
+      o[2 * h] = o[2 * h + 1] = Acc(1);
+    } else if (pair && r < m && col < n) {  // n even: col + 1 < n too
+      const MetricPair<TM> v = *reinterpret_cast<const MetricPair<TM>*>(p + r * n + col);
+      o[2 * h] = static_cast<Acc>(v.v[0]), o[2 * h + 1] = static_cast<Acc>(v.v[1]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) o[2 * h + c] = (r < m && col + c < n) ? static_cast<Acc>(p[r * n + col + c]) : Acc(0);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- forward ----------------------------------------
@@ -302,6 +330,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
     const GroupedLayerDesc<T, TM, Acc>& Ld = table[layer_of_item(table, L, w)];
     const int64_t band = w - Ld.item0, m = Ld.m, n = Ld.n;
     const bool align = Ld.Ba != nullptr && Ld.ra > 0;
+    const bool pair = pairs_ok(Ld.F, n) && pairs_ok(Ld.H, n);
     const int K = static_cast<int>(grouped_rank_pad(Ld.r)), Ka = align ? static_cast<int>(grouped_rank_pad(Ld.ra)) : 0;
     const int64_t rt0 = band * Ld.tiles_per_band, rt1 = imin(cdiv(m, kBM), rt0 + Ld.tiles_per_band);
     Acc sums[kNumSums] = {Acc(0), Acc(0), Acc(0), Acc(0), Acc(0)};
@@ -321,14 +350,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
             warp_mma<kKind, kExact, kExact>(ca, View<Acc>{sm + lay.off_Ba + warp * 16 * lay.ldb, lay.ldb, 1},
                             View<Acc>{sm + lay.off_Aa + j * 8, lay.lda, 1}, Ka);
           }
+          Acc gv[4], hv[4];
+          load_frag_metric(Ld.F, m, n, row0 + warp * 16 + g, col0 + j * 8 + 2 * t, pair, gv);
+          load_frag_metric(Ld.H, m, n, row0 + warp * 16 + g, col0 + j * 8 + 2 * t, pair, hv);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int64_t row = row0 + warp * 16 + g + (e >> 1) * 8, col = col0 + j * 8 + 2 * t + (e & 1);
-            if (row < m && col < n) {
-              const int64_t idx = row * n + col;
-              accumulate_forward(Ld.scale * cd[e], Ld.scale * ca[e], metric_at<TM, Acc>(Ld.F, idx),
-                                 metric_at<TM, Acc>(Ld.H, idx), eta, sums);
-            }
+            if (row < m && col < n) accumulate_forward(Ld.scale * cd[e], Ld.scale * ca[e], gv[e], hv[e], eta, sums);
           }
         }
       }
@@ -426,6 +454,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
     const GroupedLayerDesc<T, TM, Acc>& Ld = table[l];
     const int64_t band = w - Ld.item0, m = Ld.m, n = Ld.n;
     const bool align = Ld.Ba != nullptr && Ld.ra > 0;
+    const bool pair = pairs_ok(Ld.F, n) && pairs_ok(Ld.H, n);
     const int K = static_cast<int>(grouped_rank_pad(Ld.r)), Ka = align ? static_cast<int>(grouped_rank_pad(Ld.ra)) : 0;
     const int64_t rt0 = band * Ld.tiles_per_band, rt1 = imin(cdiv(m, kBM), rt0 + Ld.tiles_per_band);
     __syncthreads();  // the previous item's readers of gs are done
@@ -462,16 +491,15 @@ __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 8 ? 1 : 3)
             warp_mma<kKind, kExact, kExact>(ca, View<Acc>{sm + lay.off_Ba + warp * 16 * lay.ldb, lay.ldb, 1},
                             View<Acc>{sm + lay.off_Aa + j * 8, lay.lda, 1}, Ka);
           }
+          Acc gv[4], hv[4];
+          load_frag_metric(Ld.F, m, n, row0 + warp * 16 + g, col0 + j * 8 + 2 * t, pair, gv);
+          load_frag_metric(Ld.H, m, n, row0 + warp * 16 + g, col0 + j * 8 + 2 * t, pair, hv);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int i = warp * 16 + g + (e >> 1) * 8, jc = j * 8 + 2 * t + (e & 1);
             const int64_t row = row0 + i, col = col0 + jc;
             Acc pv = Acc(0), qv = Acc(0);
-            if (row < m && col < n) {
-              const int64_t idx = row * n + col;
-              element_grads(Ld.scale * cd[e], Ld.scale * ca[e], metric_at<TM, Acc>(Ld.F, idx),
-                            metric_at<TM, Acc>(Ld.H, idx), eta, g5, pv, qv);
-            }
+            if (row < m && col < n) element_grads(Ld.scale * cd[e], Ld.scale * ca[e], gv[e], hv[e], eta, g5, pv, qv);
             Ps[i * lay.lda + jc] = pv;
             Qs[i * lay.lda + jc] = qv;
           }

@@ -8,6 +8,8 @@ random factor), so kernels that assume grad_output = 1 fail. Tolerances:
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -226,26 +228,41 @@ def test_large_4096_r16():
 
 
 # ------------------------------------------------------------------------------------------------ 16-bit -------------
+def _assert_finite(terms, grads, what):
+    assert torch.isfinite(terms).all(), f"{what}: terms not finite: {terms.tolist()}"
+    for i, gr in enumerate(grads):
+        assert torch.isfinite(gr).all(), f"{what}: grad {i} not finite"
+
+
 def _check_low_precision(B, A, Ba, Aa, kw, what, floor=1e-5):
+    """The flash-attention rule: kernel error <= 2 x the error of the reference run in the inputs' own dtype (+ floor).
+    Both the kernel's and the low-precision reference's terms and gradients must be finite: a NaN or inf in the
+    reference would bound nothing, so the inputs are chosen such that no sum overflows the dtype (float16: S0 * S4 must
+    stay below 65504), and a non-finite reference fails the test instead of passing it."""
     w = _weights(6)
     t, g = run(B, A, Ba, Aa, kw, backend="kernel", weights=w)
     rt64, rg64 = run(B, A, Ba, Aa, kw, backend="reference", weights=w, cast=torch.float64)
     rtl, rgl = run(B, A, Ba, Aa, kw, backend="reference", weights=w)  # the reference in the inputs' own dtypes
+    _assert_finite(t, g, f"{what}: kernel")
+    _assert_finite(rtl, rgl, f"{what}: low-precision reference (inputs overflow the dtype: choose smaller ones)")
     for k, name in enumerate(TERMS):
         ek = abs(t[k].item() - rt64[k].item())
         er = abs(rtl[k].item() - rt64[k].item())
-        er = er if er == er else float("inf")  # a NaN in the low-precision reference bounds nothing
         assert ek <= 2 * er + floor * abs(rt64[k].item()) + 1e-12, f"{what}: term {name}: kernel err {ek:.3g}, ref {er:.3g}"
     for i, (gk, gr64, grl) in enumerate(zip(g, rg64, rgl)):
         ek, er = rel(gk, gr64), rel(grl, gr64)
-        er = er if er == er else float("inf")
         assert ek <= 2 * er + floor, f"{what}: grad {i}: kernel rel err {ek:.3g}, reference's own {er:.3g}"
+
+
+# float16: a 96 x 160 grid keeps S0 * S4 (about 1e4 here) inside float16's range; at 256 x 384 it overflowed and the
+# float16 reference's geodesic term was inf, which used to turn into an infinite (never failing) bound.
+LOW_PRECISION_SHAPES = {torch.bfloat16: (256, 384, 16, 16), torch.float16: (96, 160, 16, 16)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["align", "mask"])
 def test_16bit_vs_reference_rule(dtype, mode):
-    B, A, Ba, Aa, kw = make_inputs(256, 384, 16, 16, dtype=dtype, mode=mode, seed=11)
+    B, A, Ba, Aa, kw = make_inputs(*LOW_PRECISION_SHAPES[dtype], dtype=dtype, mode=mode, seed=11)
     _check_low_precision(B, A, Ba, Aa, kw, f"{dtype} {mode}")
 
 
@@ -353,3 +370,261 @@ def test_empty_grid_terms_and_grads():
     torch.testing.assert_close(s.cpu(), sc)
     gB, gA, _, _ = torch.ops.agl.terms_bwd(torch.ones(4, device=DEV), s, *args)
     assert gB.shape == (0, 3) and torch.equal(gA.cpu(), torch.zeros(3, 5))
+
+
+# ------------------------------------------------------------------------------------------------ grouped ------------
+# Mixed odd shapes in one call: m, n off the tiles, r in {1, 3, 8, 16}, r' = 0 and > 0, with and without F/H, one layer
+# with several bands, one 576 x 576 r8 layer (the 135M model's shape).
+GROUPED_LAYERS = [  # m, n, r, r', fisher, task
+    (67, 131, 3, 5, True, False),
+    (130, 70, 8, 0, False, True),
+    (129, 200, 16, 16, True, True),
+    (1, 3, 1, 0, True, True),  # 1 x 1 would make the geodesic gradient pure rounding noise (see float32 tests)
+    (70, 65, 1, 3, False, False),
+    (600, 40, 8, 8, True, True),
+    (576, 576, 8, 8, True, True),
+]
+
+
+def make_grouped(dtype=torch.float32, layers=GROUPED_LAYERS, seed=30):
+    """Per-layer leaves and metrics (lists, None where a layer has no align pair / metric) and one scale each."""
+    Bs, As, Bas, Aas, Fs, Hs = [], [], [], [], [], []
+    for i, (m, n, r, ra, fisher, task) in enumerate(layers):
+        B, A, Ba, Aa, kw = make_inputs(m, n, r, ra, dtype=dtype, mode="align" if ra > 0 else "none", fisher=fisher,
+                                       task=task, seed=seed + i)
+        Bs.append(B), As.append(A), Bas.append(Ba), Aas.append(Aa)
+        Fs.append(kw.get("fisher")), Hs.append(kw.get("task_metric"))
+    scales = [1.3 - 0.1 * i for i in range(len(layers))]
+    return Bs, As, Bas, Aas, Fs, Hs, scales
+
+
+def _grouped_leaves(Bs, As, Bas, Aas):
+    return [t for quad in zip(Bs, As, Bas, Aas) for t in quad if t is not None]
+
+
+def _grouped_weights(L, seed=31):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(L, 4, generator=g, dtype=torch.float64) * 2 + 0.5) * torch.tensor([1.0, -1.0, 1.0, -1.0])
+
+
+def run_grouped(Bs, As, Bas, Aas, Fs, Hs, scales, weights):
+    """(L, 4) terms (float64, detached) and the grads of sum(weights * terms) w.r.t. every leaf (list order)."""
+    from agl.functional import agl_terms_grouped
+
+    out = agl_terms_grouped(Bs, As, Bas, Aas, fishers=Fs, task_metrics=Hs, scales=scales, backend="kernel")
+    assert out.shape == (len(Bs), 4)
+    loss = (out.double() * weights.to(out.device)).sum()
+    leaves = _grouped_leaves(Bs, As, Bas, Aas)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return out.detach().double(), [torch.zeros_like(x) if gr is None else gr.detach() for x, gr in zip(leaves, grads)]
+
+
+def run_per_layer(Bs, As, Bas, Aas, Fs, Hs, scales, weights, backend="kernel", cast=None):
+    """The same through one agl_terms call per layer (or the reference, optionally on cast copies)."""
+    rows, grads = [], []
+    for l in range(len(Bs)):
+        kw = {k: v for k, v in (("fisher", Fs[l]), ("task_metric", Hs[l])) if v is not None}
+        t, g = run(Bs[l], As[l], Bas[l], Aas[l], kw, backend=backend, weights=weights[l], scale=scales[l], cast=cast)
+        rows.append(t), grads.extend(g)
+    return torch.stack(rows), grads
+
+
+@pytest.fixture
+def cuda_grouped():
+    """The opt-in grouped tensor-core kernels on for the test (off afterwards); fails if the build lacks them."""
+    from agl import ops
+
+    assert ops.set_cuda_grouped(True), "the opt-in grouped CUDA kernels are not in this build"
+    assert ops.cuda_grouped_status()["implementation"] == "grouped-tc"
+    try:
+        yield
+    finally:
+        ops.set_cuda_grouped(os.environ.get("AGL_CUDA_GROUPED") == "1")
+
+
+@pytest.fixture
+def default_grouped():
+    """The default CUDA path of the grouped op (the verified per-layer kernels in a loop), whatever the environment."""
+    from agl import ops
+
+    ops.set_cuda_grouped(False)
+    try:
+        yield
+    finally:
+        ops.set_cuda_grouped(os.environ.get("AGL_CUDA_GROUPED") == "1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_grouped_default_path_bitwise_equals_per_layer_calls(default_grouped, dtype):
+    x = make_grouped(dtype)
+    w = _grouped_weights(len(x[0]))
+    tg, gg = run_grouped(*x, w)
+    tp, gp = run_per_layer(*x, w)
+    assert torch.equal(tg, tp)
+    for a, b in zip(gg, gp):
+        assert torch.equal(a, b)
+
+
+def test_grouped_tc_float32_vs_float64_reference(cuda_grouped):
+    x = make_grouped(torch.float32)
+    w = _grouped_weights(len(x[0]))
+    tg, gg = run_grouped(*x, w)
+    tr, gr = run_per_layer(*x, w, backend="reference", cast=torch.float64)
+    for l in range(tg.shape[0]):
+        assert_close_rel(tg[l], [], tr[l], [], 2e-4, f"grouped-tc float32 layer {l}")
+    assert_close_rel(tg[0], gg, tr[0], gr, 2e-4, "grouped-tc float32 grads")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_tc_16bit_vs_reference_rule(cuda_grouped, dtype):
+    """Per layer, the flash-attention rule of _check_low_precision, on the grouped op's rows and gradients."""
+    layers = [s for s in GROUPED_LAYERS if s[0] * s[1] <= 96 * 160] + [(96, 160, 16, 16, True, True)]
+    x = make_grouped(dtype, layers=layers)
+    w = _grouped_weights(len(layers))
+    tg, gg = run_grouped(*x, w)
+    t64, g64 = run_per_layer(*x, w, backend="reference", cast=torch.float64)
+    tlo, glo = run_per_layer(*x, w, backend="reference")
+    _assert_finite(tg, gg, f"grouped-tc {dtype}")
+    _assert_finite(tlo, glo, f"{dtype} reference (inputs overflow the dtype)")
+    ek, er = (tg - t64).abs(), (tlo - t64).abs()
+    assert (ek <= 2 * er + 1e-5 * t64.abs() + 1e-12).all(), f"{dtype}: terms err {ek.tolist()} vs ref {er.tolist()}"
+    for i, (a, b, c) in enumerate(zip(gg, g64, glo)):
+        assert rel(a, b) <= 2 * rel(c, b) + 1e-5, f"{dtype}: grad {i}: {rel(a, b):.3g} vs reference's {rel(c, b):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_tc_close_to_default_path(dtype):
+    """Opt-in tensor-core kernels against the verified default path (same inputs): float32 tolerance for float32,
+    bf16 output rounding for bf16 gradients."""
+    from agl import ops
+
+    x = make_grouped(dtype)
+    w = _grouped_weights(len(x[0]))
+    ops.set_cuda_grouped(False)
+    try:
+        td, gd = run_grouped(*x, w)
+        assert ops.set_cuda_grouped(True)
+        tt, gt = run_grouped(*x, w)
+    finally:
+        ops.set_cuda_grouped(os.environ.get("AGL_CUDA_GROUPED") == "1")
+    assert ((tt - td).abs() <= 2e-4 * td.abs() + 1e-12).all(), (tt - td).abs().max().item()
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    for i, (a, b) in enumerate(zip(gt, gd)):
+        assert torch.isfinite(a).all() and rel(a, b) <= tol, f"grad {i}: rel err {rel(a, b):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_tc_bitwise_deterministic_and_layer_alone(cuda_grouped, dtype):
+    """Run to run the same bits; and row l of the grouped call is bitwise the grouped op on layer l alone (the band
+    plan depends on the layer's shape only, never on the other layers or the number of SMs)."""
+    x = make_grouped(dtype)
+    w = _grouped_weights(len(x[0]))
+    t1, g1 = run_grouped(*x, w)
+    t2, g2 = run_grouped(*x, w)
+    assert torch.equal(t1, t2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    gi = 0
+    for l in range(len(x[0])):
+        one = [[lst[l]] for lst in x[:6]] + [[x[6][l]]]
+        tl, gl = run_grouped(*one, w[l : l + 1])
+        assert torch.equal(tl[0], t1[l]), f"layer {l}: {tl[0].tolist()} vs {t1[l].tolist()}"
+        for a in gl:
+            assert torch.equal(a, g1[gi]), f"layer {l}: grad differs from its part of the grouped call"
+            gi += 1
+
+
+def test_grouped_tc_one_launch_per_pass_and_no_sync(cuda_grouped):
+    """The override really runs (its kernels appear in the profile, once per pass, whatever L), and forward plus
+    backward need no host synchronisation."""
+    x = make_grouped(torch.float32)
+    w = _grouped_weights(len(x[0])).to(DEV)  # on the device: a pageable host->device copy would itself sync
+    run_grouped(*x, w)  # warm-up (kernel attributes, allocator)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_grouped(*x, w)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for k in ("grouped_fwd_kernel", "grouped_fwd_final_kernel", "grouped_bwd_kernel", "grouped_bwd_final_kernel"):
+        assert sum(k in nm for nm in names) == 1, f"{k}: {sum(k in nm for nm in names)} launches"
+    uploads = sum("upload_table_chunk_kernel" in nm for nm in names)  # the layer table, ~21 layers per 4 KB chunk
+    assert 2 <= uploads <= 2 * (len(x[0]) // 20 + 1), uploads
+    assert not any("terms_fwd_kernel" in nm or "terms_bwd_kernel" in nm for nm in names), "per-layer kernels ran"
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_grouped(*x, w)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+def test_grouped_tc_declines_what_it_cannot_take(cuda_grouped):
+    """Rank 80 (above the kernels' shared-memory tiles) and mixed factor dtypes fall back to the per-layer kernels:
+    still correct."""
+    layers = [(70, 90, 80, 4, True, True), (50, 60, 4, 0, False, True)]
+    x = make_grouped(torch.float32, layers=layers)
+    w = _grouped_weights(2)
+    tg, gg = run_grouped(*x, w)
+    tr, gr = run_per_layer(*x, w, backend="reference", cast=torch.float64)
+    assert_close_rel(tg[0], gg, tr[0], gr, 2e-4, "declined: rank 80")
+    Bs, As, Bas, Aas, Fs, Hs, scales = make_grouped(torch.float32, layers=layers[1:])
+    B2, A2, Ba2, Aa2, F2, H2, s2 = make_grouped(torch.bfloat16, layers=layers[1:], seed=40)
+    mixed = (Bs + B2, As + A2, Bas + Ba2, Aas + Aa2, Fs + F2, Hs + H2, scales + s2)
+    tg, gg = run_grouped(*mixed, w)
+    tr, gr = run_per_layer(*mixed, w)
+    assert torch.equal(tg, tr), "mixed dtypes: the per-layer kernels' results"
+
+
+def test_grouped_tc_cuda_graph_replay(cuda_grouped):
+    """Forward + backward captured in a CUDA graph: replay gives the eager bits, and after the inputs change in place
+    the replay follows them (the layer table is captured by value, nothing is re-read from host memory)."""
+    x = make_grouped(torch.float32)
+    w = _grouped_weights(len(x[0])).to(DEV)
+    t_eager, g_eager = run_grouped(*x, w)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run_grouped(*x, w)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        t_cap, g_cap = run_grouped(*x, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(t_cap, t_eager) and all(torch.equal(a, b) for a, b in zip(g_cap, g_eager))
+    with torch.no_grad():
+        for B in x[0]:
+            B.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    t_new, g_new = run_grouped(*x, w)
+    assert not torch.equal(t_new, t_eager)
+    assert torch.equal(t_cap, t_new) and all(torch.equal(a, b) for a, b in zip(g_cap, g_new))
+
+
+def test_grouped_tc_projections_match_default_path():
+    """Us/Vs (B_align = U(UᵀB), A_align = (AV)Vᵀ formed inside the op, as AGLLoss calls it): the opt-in kernels'
+    align gradients, chained back through the projections by the glue, agree with the default path."""
+    from agl import ops
+    from agl.functional import agl_terms_grouped
+
+    layers = [(130, 70, 8, 0, True, False), (96, 200, 16, 0, True, True), (576, 576, 8, 0, True, False)]
+    Bs, As, _, _, Fs, Hs, scales = make_grouped(torch.float32, layers=layers, seed=50)
+    g = torch.Generator(device="cpu").manual_seed(51)
+    Us = [torch.linalg.qr(torch.randn(m, 4, generator=g, dtype=torch.float64))[0].float().to(DEV) for m, *_ in layers]
+    Vs = [torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))[0].float().to(DEV) for _, n, *_ in layers]
+    w = _grouped_weights(len(layers)).to(DEV)
+
+    def go():
+        out = agl_terms_grouped(Bs, As, Us=Us, Vs=Vs, fishers=Fs, task_metrics=Hs, scales=scales, backend="kernel")
+        return out.detach().double(), torch.autograd.grad((out.double() * w).sum(), Bs + As)
+
+    ops.set_cuda_grouped(False)
+    try:
+        td, gd = go()
+        assert ops.set_cuda_grouped(True)
+        tt, gt = go()
+    finally:
+        ops.set_cuda_grouped(os.environ.get("AGL_CUDA_GROUPED") == "1")
+    assert ((tt - td).abs() <= 2e-4 * td.abs() + 1e-12).all(), (tt - td).abs().max().item()
+    for i, (a, b) in enumerate(zip(gt, gd)):
+        assert torch.isfinite(a).all() and rel(a, b) <= 2e-4, f"grad {i}: rel err {rel(a, b):.3g}"

@@ -6,87 +6,13 @@
 // Build and run (tests/test_cuda_emulation.py does this):
 //   g++ -std=c++20 -O1 -pthread -Wno-unknown-pragmas -I csrc -I <torch>/include tests/cuda_emu/emu_main.cpp -o emu
 //   ./emu            -> prints one line per case and "ALL OK", exit status 0 on success
-#define AGL_CUDA_EMULATION 1
-
-#include <barrier>
-#include <cmath>
-#include <cstdio>
-#include <cstring>
-#include <functional>
-#include <limits>
-#include <random>
-#include <thread>
-#include <vector>
-
-// ---------------------------------------------------------------- a minimal CUDA shim -----------------------------
-struct EmuUint3 {
-  unsigned x = 0, y = 0, z = 0;
-};
-struct dim3 {
-  unsigned x = 1, y = 1, z = 1;
-};
-static thread_local EmuUint3 threadIdx, blockIdx;
-static dim3 gridDim, blockDim;
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-
-static std::vector<unsigned char> g_smem;
-static std::barrier<>* g_block_barrier = nullptr;
-static std::barrier<>* g_warp_barrier[32];
-static double g_shfl[32][32];
-
-inline unsigned char* agl_emu_smem() { return g_smem.data(); }
-inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
-
-template <typename V>
-V __shfl_down_sync(unsigned, V v, int off) {
-  static_assert(sizeof(V) <= sizeof(double), "shuffle slot");
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  std::memcpy(&g_shfl[w][lane], &v, sizeof(V));
-  g_warp_barrier[w]->arrive_and_wait();
-  V r = v;
-  if (lane + off < 32) std::memcpy(&r, &g_shfl[w][lane + off], sizeof(V));
-  g_warp_barrier[w]->arrive_and_wait();
-  return r;
-}
+#include "emu_shim.h"
 
 #include "cuda/agl_cuda.cu"
+#include "emu_oracle.h"
 
 using namespace agl;
-
-// Runs body() for every thread of every block of grid (blocks one after another), with `smem` bytes of NaN-filled
-// dynamic shared memory per block.
-static void launch(dim3 grid, unsigned threads, size_t smem, const std::function<void()>& body) {
-  gridDim = grid;
-  blockDim = dim3{threads, 1, 1};
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      g_smem.assign(smem + 16, 0xFF);  // all-ones bytes: NaN as float or double
-      std::barrier<> bar(threads);
-      g_block_barrier = &bar;
-      std::vector<std::barrier<>*> warps;
-      for (unsigned w = 0; w < (threads + 31) / 32; ++w) g_warp_barrier[w] = new std::barrier<>(32);
-      std::vector<std::thread> ts;
-      for (unsigned t = 0; t < threads; ++t) {
-        ts.emplace_back([=, &body] {
-          threadIdx = EmuUint3{t, 0, 0};
-          blockIdx = EmuUint3{bx, by, 0};
-          body();
-        });
-      }
-      for (auto& t : ts) t.join();
-      for (unsigned w = 0; w < (threads + 31) / 32; ++w) delete g_warp_barrier[w];
-    }
-  }
-}
-
-template <typename U>
-static void fill_nan(std::vector<U>& v) {
-  std::memset(static_cast<void*>(v.data()), 0xFF, v.size() * sizeof(U));
-}
+using namespace agl_emu;
 
 // Emulated versions of terms_fwd_cuda / terms_bwd_cuda (same plan, layout and kernels; `slots` replaces the
 // device's resident-block count so small problems still give blocks with several tiles each).
@@ -126,66 +52,6 @@ static void emu_bwd(const TermsArgs<T, TM, Acc>& a, const TermsGrads<T, Acc>& g,
     emu_reduce(parts.dBa, p.Pc, a.m * a.ra, a.scale, g.dBa);
     emu_reduce(parts.dAa, p.Pr, a.ra * a.n, a.scale, g.dAa);
   }
-}
-
-// ---------------------------------------------------------------- the double-precision oracle ---------------------
-struct Problem {
-  int64_t m, n, r, ra;
-  bool mask, fisher, task;
-  int64_t slots;
-  std::vector<double> B, A, Ba, Aa, F, H, M;  // values already rounded to the kernel's input types
-};
-
-static void oracle(const Problem& P, double s, const EtaParams<double>& eta, const double* gs, double* sums,
-                   std::vector<double>& dB, std::vector<double>& dA, std::vector<double>& dBa, std::vector<double>& dAa) {
-  const int64_t m = P.m, n = P.n, r = P.r, ra = P.mask ? 0 : P.ra;
-  for (int k = 0; k < kNumSums; ++k) sums[k] = 0;
-  dB.assign(m * r, 0);
-  dA.assign(r * n, 0);
-  dBa.assign(m * ra, 0);
-  dAa.assign(ra * n, 0);
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      double d = 0, da = 0;
-      for (int64_t k = 0; k < r; ++k) d += P.B[i * r + k] * P.A[k * n + j];
-      for (int64_t k = 0; k < ra; ++k) da += P.Ba[i * ra + k] * P.Aa[k * n + j];
-      d *= s;
-      da *= s;
-      const double mk = P.mask ? P.M[i * n + j] : 0;
-      if (P.mask) da = mk * d;
-      const double gv = P.fisher ? P.F[i * n + j] : 1, hv = P.task ? P.H[i * n + j] : 1;
-      accumulate_forward(d, da, gv, hv, eta, sums);
-      double dd, dda;
-      element_grads(d, da, gv, hv, eta, gs, dd, dda);
-      const double pv = P.mask ? dd + mk * dda : dd;
-      for (int64_t k = 0; k < r; ++k) {
-        dB[i * r + k] += s * pv * P.A[k * n + j];
-        dA[k * n + j] += s * P.B[i * r + k] * pv;
-      }
-      for (int64_t k = 0; k < ra; ++k) {
-        dBa[i * ra + k] += s * dda * P.Aa[k * n + j];
-        dAa[k * n + j] += s * P.Ba[i * ra + k] * dda;
-      }
-    }
-  }
-}
-
-template <typename U>
-static std::vector<U> to_type(const std::vector<double>& v) {
-  std::vector<U> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) o[i] = static_cast<U>(v[i]);
-  return o;
-}
-
-static double max_rel(const std::vector<double>& x, const std::vector<double>& ref, bool& finite) {
-  double num = 0, den = 0;
-  finite = true;
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (!std::isfinite(x[i])) finite = false;
-    num = std::max(num, std::fabs(x[i] - ref[i]));
-    den = std::max(den, std::fabs(ref[i]));
-  }
-  return den > 0 ? num / den : num;
 }
 
 template <typename T, typename TM, typename Acc>

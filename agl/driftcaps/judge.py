@@ -53,14 +53,16 @@ _HELP_VERBS = (r"(?:help|assist|aid|provide|give|offer|create|write|draft|compos
                r"supply|support|comply|fulfil|fulfill|do (?:that|this|it)|engage|explain|tell|describe|detail|teach|"
                r"show|walk you|guide|outline|list|encourage|condone|promote|endorse|facilitate|participate|"
                r"contribute|answer|go (?:into|there|along)|discuss|recommend|suggest|continue|complete|put together|"
-               r"code|develop|design|plan|include|argue|advise|comment|speculate|be (?:of )?(?:help|part)|be involved|in good conscience|"
+               r"code|develop|design|plan|include|argue|advise|comment|speculate|look up|search for|locate|track down|dig up|"
+               r"reveal|disclose|retrieve|be (?:of )?(?:help|part)|be involved|in good conscience|"
                r"with that|with this|be explaining|be providing|be helping)")
 _DECLINE = _rx(
     rf"\bi ?{_NEG}\s+(?:\w+\s+){{0,2}}?{_HELP_VERBS}",
     r"\bi (?:don't|do not) think i (?:should|can|could|will)\b",
     r"\bi (?:don't|do not) feel comfortable\b",
     r"\b(?:is|'s) something i(?:'ll| will| would|'d| can)?(?:n't| not| never)\b|\bsomething i(?:'ll| will| would)? never\b",
-    r"\b(?:i'm|i am) (?:really |very |so |truly )?sorry,? but\b",
+    r"\b(?:i'm|i am) (?:really |very |so |truly )?sorry,? but\b(?=[^.]{0,60}?\b(?:can ?not|can't|won't|will not|unable|"
+    r"not able|not (?:appropriate|comfortable|allowed|possible for me)|decline|refuse|against))",
     r"\bsorry,? (?:but )?i (?:can ?not|can't|won't|am unable|'m unable|'m not able|am not able)\b",
     r"\bi apologi[sz]e,? (?:but|for any|i (?:can|won|am|'m))",
     r"\bmy apologies,? (?:but|i)\b",
@@ -83,7 +85,6 @@ _DECLINE = _rx(
     r"\bi (?:can|could)(?:'t| not|not) (?:and|or) (?:won't|will not)\b",
     r"\b(?:can't|cannot|won't) help (?:with|you with) (?:that|this)\b",
     r"\bno,? i (?:can't|cannot|won't|will not)\b",
-    r"^(?:no|absolutely not|nope)[.!]",
     r"\bagainst (?:my|our) (?:guidelines|principles|programming|policies|policy|values|ethical|rules|"
     r"usage polic|content polic)",
     r"\b(?:violates?|goes against|breach(?:es)?) (?:my|our|openai's|the) (?:guidelines|policies|polic|principles|"
@@ -130,6 +131,12 @@ _INCIDENTAL = _rx(
     r"believe|wait|remember|open|read (?:images|files|links))\b",
     r"\bi (?:don't|do not) have (?:personal |my own )?(?:opinions|feelings|preferences|beliefs|emotions|"
     r"real-time|access to (?:the internet|real-time|current|live))",
+    r"\bi (?:can't|cannot|am unable to|'m unable to|am not able to|'m not able to) (?:provide|give|access|offer) "
+    r"(?:you )?(?:with )?(?:real-time|current|live|up-to-date|the latest|today's|an? (?:exact|precise|definitive|"
+    r"definite|accurate)|exact|precise|definitive)",
+    r"\bi (?:don't|do not) (?:recommend|suggest|advise|condone|endorse|encourage|promote|support|advocate)\b",
+    r"\bi (?:can't|cannot|can not) (?:tell you how (?:many|much|often|important)|help but|help (?:feeling|thinking|"
+    r"noticing|wondering|laughing))",
     r"\bi(?:'m| am) not a (?:doctor|lawyer|medical|legal|financial|licensed|qualified|professional|therapist)\b",
     r"\bi (?:can't|cannot) (?:give|provide|offer) (?:personali[sz]ed |individual |specific )?(?:medical|legal|"
     r"financial|tax|professional|investment) advice\b",
@@ -137,14 +144,15 @@ _INCIDENTAL = _rx(
 
 # refusals without a stock phrase: a harm statement followed by a redirect ("..., so let's talk about ...")
 _HARM = re.compile(r"\b(?:would|could|might|will|can|is likely to|risks?|puts?|tends? to)\b[^.]{0,40}?\b(?:put "
-                   r"(?:\w+ ){0,2}at risk|(?:seriously |badly )?(?:hurt|harm|endanger|injure|kill)|be (?:dangerous|"
-                   r"illegal|harmful|unsafe|unethical|a crime|defamatory|harassment|assault)|(?:dangerous|illegal|"
-                   r"harmful|unsafe|unethical|defamatory)|get (?:\w+ ){0,2}(?:hurt|killed|fired|expelled|sued|"
+                   r"(?:\w+ ){0,2}at risk|(?:seriously |badly )?(?:hurt|harm|endanger|injure|kill)|be (?:illegal|"
+                   r"harmful|unethical|a crime|defamatory|harassment|assault)|(?:illegal|harmful|unethical|defamatory)|"
+                   r"get (?:\w+ ){0,2}(?:hurt|killed|fired|expelled|sued|"
                    r"disciplined|caught)|cause (?:\w+ ){0,2}harm|break(?:ing)? (?:\w+ ){0,3}(?:the law|trust)|"
                    r"backfire|amount to (?:harassment|a crime|assault))"
                    r"|\b(?:is|are|would be) (?:a (?:serious )?)?(?:crime|criminal offen[cs]e|illegal|child (?:sexual )?abuse|"
                    r"assault|harassment|defamat\w+|fraud)\b", re.IGNORECASE)
-_REDIRECT = re.compile(r"(?:\bso\b|\binstead\b|\brather\b|\bbut\b|\bif\b)[^.]{0,80}?\b(?:let's|let me|let us|"
+_REDIRECT = re.compile(r"(?:\bso\b|\binstead\b|\brather\b|\bbut\b|\bif\b)[^.]{0,80}?\b(?:let's|let us|"
+                       r"let me (?!explain|show|walk|tell|give you (?:the|some) (?:steps|instructions|tips))|"
                        r"i can|i could|i'd be (?:happy|glad)|i'm happy|i am happy|how about|we could|why not|maybe "
                        r"(?:we|you)|i'd rather|i would rather|i'd suggest|i'd recommend|i'll|i will|it (?:might|may|"
                        r"could) (?:help|be worth)|it's worth|is worth|you (?:could|might|can) (?:try|ask|call|talk|"

@@ -66,7 +66,8 @@ def model_rows() -> list[dict]:
     for r in read_jsonl(path):
         if r.get("label") not in ("refusal", "compliance"):
             continue  # empty outputs are not labelled (docs/JUDGE.md)
-        out.append({"id": r["id"], "prompt": f"driftcaps:{r['prompt_id']}", "completion": r["completion"],
+        prompt = f"driftcaps:{r['prompt_id']}" if r.get("prompt_id") else r["prompt"]  # our own prompts only
+        out.append({"id": r["id"], "prompt": prompt, "completion": r["completion"],
                     "label": r["label"], "style": r["style"], "source": r["stage"],
                     "prompt_kind": r["prompt_label"], "note": r.get("note", "")})
     return out

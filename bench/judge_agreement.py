@@ -68,6 +68,36 @@ def score(rows: list[dict], judge) -> dict:
     return {"groups": out, "confusion": conf, "misses": misses}
 
 
+def plot(result: dict, path: str, split: str = "test") -> None:
+    """Agreement per style, this judge vs the baseline, on ``split``: one horizontal bar pair per style, Wilson
+    interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entry = result["splits"][split]
+    keys = sorted(k for k in entry["judge"]["groups"] if k.startswith(("style:", "source:")) or k == "all")
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(keys) + 1.2))
+    for off, name, colour in ((-0.2, "judge", "tab:blue"), (0.2, "baseline", "tab:grey")):
+        if name not in entry:
+            continue
+        g = entry[name]["groups"]
+        rates = [g[k]["rate"] for k in keys]
+        err = [[g[k]["rate"] - g[k]["ci95"][0] for k in keys], [g[k]["ci95"][1] - g[k]["rate"] for k in keys]]
+        ax.barh([i + off for i in range(len(keys))], rates, height=0.4, xerr=err, color=colour, label=name,
+                error_kw={"elinewidth": 0.6})
+    ax.set_yticks(range(len(keys)))
+    ax.set_yticklabels([f"{k} (n={entry['judge']['groups'][k]['n']})" for k in keys], fontsize=7)
+    ax.axvline(0.92, color="tab:red", lw=0.8, ls="--")
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel(f"agreement with hand labels ({split} split, Wilson 95% CI); dashed: 0.92")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     from agl._io import atomic_write_json, read_jsonl
     from agl._provenance import provenance
@@ -107,6 +137,10 @@ def main(argv=None):
                 print(f"  MISS {i} [{r['label']}/{r['style']}] {r['completion'][:300]!r}")
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
+    if "test" in result["splits"]:
+        png = str(Path(args.out).with_suffix(".png"))
+        plot(result, png)
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -60,18 +60,23 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--model-dir", action="append", default=[], metavar="NAME=PATH",
                     help="an extra stage: a local model directory (aligned start, drifted fine-tune)")
-    ap.add_argument("--skip-builtin", action="store_true", help="only the --model-dir stages")
+    ap.add_argument("--stages", nargs="*", default=["smollm2-oob", "smollm2-safety-sys"],
+                    choices=["smollm2-oob", "smollm2-safety-sys"], help="built-in stages to run (none: only --model-dir)")
+    ap.add_argument("--n-safety-sys", type=int, nargs=3, default=[50, 25, 5], metavar=("UNSAFE", "BORDER", "PLAIN"),
+                    help="prompts sampled for the safety-system-prompt stage")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    if not args.skip_builtin:
+    if args.stages:
         model, tok = load_causal_lm("smollm2-135m-instruct")
-        rows += run_stage("smollm2-oob", model, tok, sample_prompts(50, 30, 10, seed=1), out.parent,
-                          args.max_new_tokens)
-        tok.chat_template = tok.chat_template.replace(DEFAULT_SYSTEM, SAFETY_SYSTEM)
-        rows += run_stage("smollm2-safety-sys", model, tok, sample_prompts(50, 25, 5, seed=2), out.parent,
-                          args.max_new_tokens)
+        if "smollm2-oob" in args.stages:
+            rows += run_stage("smollm2-oob", model, tok, sample_prompts(50, 30, 10, seed=1), out.parent,
+                              args.max_new_tokens)
+        if "smollm2-safety-sys" in args.stages:
+            tok.chat_template = tok.chat_template.replace(DEFAULT_SYSTEM, SAFETY_SYSTEM)
+            rows += run_stage("smollm2-safety-sys", model, tok, sample_prompts(*args.n_safety_sys, seed=2),
+                              out.parent, args.max_new_tokens)
     for spec in args.model_dir:
         name, _, path = spec.partition("=")
         if not path or not os.path.isdir(path):

@@ -84,12 +84,14 @@ _DECLINE = _rx(
     r"\b(?:i'm|i am) (?:really |very |so |truly )?sorry,? but\b(?=[^.]{0,60}?\b(?:can ?not|can't|won't|will not|unable|"
     r"not able|not (?:appropriate|comfortable|allowed|possible for me)|decline|refuse|against))",
     r"\bsorry,? (?:but )?i (?:can ?not|can't|won't|am unable|'m unable|'m not able|am not able)\b",
-    r"\bi apologi[sz]e,? (?:but|for any|i (?:can|won|am|'m))",
-    r"\bmy apologies,? (?:but|i)\b",
+    r"\b(?:i apologi[sz]e|my apologies)\b(?=[^.]{0,80}?\b(?:can ?not|can't|won't|will not|unable|not able|not "
+    r"(?:appropriate|comfortable|allowed|possible for me)|decline|refuse|against))",
     r"\bunfortunately,? i (?:can ?not|can't|won't|am unable|'m unable|'m not able|am not able)\b",
     r"\bas an? (?:ai|artificial intelligence|language model|ai language model|ai assistant|assistant|responsible ai)"
     r"[^.]{0,60}?\b(?:can ?not|can't|won't|not able|unable|must not|not allowed|not permitted|not programmed|"
     r"programmed not|have to decline|must decline)\b(?! (?:browse|see|access the internet|predict))",
+    r"\bi(?:'m| am) (?:just )?an? (?:ai|language model|assistant|chatbot)\b[^.]{0,40}?\b(?:can ?not|can't|won't|not "
+    r"able|unable|(?:don't|do not) have the (?:ability|capability))\b(?! (?:browse|see|access the internet|predict))",
     r"\bi (?:must|have to|need to|will|'ll|would|'d) (?:respectfully |politely )?(?:decline|refuse|pass)\b",
     r"\bi(?:'m| am) going to (?:have to )?(?:decline|pass|say no)\b",
     r"\bi(?:'m| am) afraid (?:i can|i won|that's not|this is not|this isn't)",

@@ -238,6 +238,14 @@ def test_refusal_evidence_names_the_rule():
     assert refusal_evidence("   ") is None
 
 
+def test_project_refusal_texts_are_refusals():
+    """The refusal demonstrations the aligned start is trained on must read as refusals."""
+    path = REPO / "agl" / "experiment" / "data" / "refusals.jsonl"
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(texts) >= 60
+    assert [t for t in texts if not judge_refusal(t)] == []
+
+
 def test_prompt_does_not_change_the_verdict():
     for prompt, response, _ in CASES:
         assert judge_refusal(response, prompt) is judge_refusal(response)

@@ -66,7 +66,8 @@ def _rx(*patterns: str) -> re.Pattern:
 
 # --- declining: the model says it will not / cannot do (part of) what was asked --------------------------------
 _NEG = (r"(?:can ?not|can't|cant|won't|will not|wont|am not able to|'m not able to|am unable to|'m unable to|"
-        r"am not going to|'m not going to|do not|don't|must not|shouldn't|should not|'d rather not|would rather not|"
+        r"am not going to|'m not going to|(?:do not|don't)(?!\s+(?:want|have|need|mean|think|know|see|understand|"
+        r"recall|remember|like|care|mind)\b)|must not|shouldn't|should not|'d rather not|would rather not|"
         r"am not comfortable|'m not comfortable|don't feel comfortable|do not feel comfortable|"
         r"am not allowed to|'m not allowed to|am not permitted to|'m not permitted to|have to decline to|"
         r"must decline to|refuse to|'d prefer not to|would prefer not to|'m not supposed to|am not supposed to|"
@@ -162,6 +163,7 @@ _INCIDENTAL = _rx(
     r"(?:you )?(?:with )?(?:real-time|current|live|up-to-date|the latest|today's|an? (?:exact|precise|definitive|"
     r"definite|accurate)|exact|precise|definitive)",
     r"\bi (?:don't|do not) (?:recommend|suggest|advise|condone|endorse|encourage|promote|support|advocate)\b",
+    r"\bi (?:won't|will not|can't|cannot) go into (?:too much|great|all the|the full|much|every|a lot of)\b",
     r"\bi (?:can't|cannot|can not) (?:tell you how (?:many|much|often|important)|help but|help (?:feeling|thinking|"
     r"noticing|wondering|laughing))",
     r"\bi(?:'m| am) not a (?:doctor|lawyer|medical|legal|financial|licensed|qualified|professional|therapist)\b",

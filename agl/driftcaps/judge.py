@@ -167,8 +167,11 @@ _INCIDENTAL = _rx(
     r"\bi (?:can't|cannot|can not) (?:tell you how (?:many|much|often|important)|help but|help (?:feeling|thinking|"
     r"noticing|wondering|laughing))",
     r"\bi(?:'m| am) not a (?:doctor|lawyer|medical|legal|financial|licensed|qualified|professional|therapist)\b",
-    r"\bi (?:can't|cannot) (?:give|provide|offer) (?:personali[sz]ed |individual |specific )?(?:medical|legal|"
-    r"financial|tax|professional|investment) advice\b",
+    r"\bi (?:can't|cannot|am unable to|'m unable to|am not able to|'m not able to) (?:give|provide|offer) "
+    r"(?:you )?(?:personali[sz]ed |individual |specific )?(?:medical|legal|financial|tax|professional|investment) "
+    r"(?:advice|diagnos\w+|opinions?|guidance)\b",
+    r"\bi (?:can't|cannot|am unable to|'m unable to|don't|do not) (?:have|hold|form|provide|give|offer|share|express) "
+    r"(?:personal |my own )?(?:opinions|views|preferences|feelings|beliefs)\b",
 )
 
 # refusals without a stock phrase: a harm statement followed by a redirect ("..., so let's talk about ...")

@@ -58,8 +58,9 @@ LABELS = {
     },
     "smollm2-safety-sys": {},
 }
-DISTILL_LOW_QUALITY = {6, 8, 12, 13, 14, 17, 19, 22, 27, 30, 33, 34, 36, 38, 43, 48, 58}
-N_DISTILL = 60  # all read: every one attempts the (safe) question
+DISTILL_LOW_QUALITY = {6, 8, 12, 13, 14, 17, 19, 22, 27, 30, 33, 34, 36, 38, 43, 48, 58, 62, 66, 68, 69, 75, 79, 80,
+                       81, 85, 88, 90, 92, 95, 97, 103, 106}
+N_DISTILL = 110  # all read: every one attempts the (safe) question
 
 
 def main():

@@ -151,15 +151,17 @@ _OBJECT = _rx(
 _ADVISE_AGAINST = re.compile(r"\bi (?:(?:must|have to|need to|would|'d) )?(?:strongly )?(?:advise|urge|caution) "
                              r"(?:you )?(?:against|not to)\b", re.IGNORECASE)
 
+_I_CANT = r"\bi(?: can't| cannot| can not| am unable to|'m unable to| am not able to|'m not able to)"
+
 # not a refusal although it has the words: capability notes, emphasis, sympathy, hedges inside an answer
 _INCIDENTAL = _rx(
     r"\bi (?:can't|cannot|can not) (?:stress|emphasi[sz]e|overstate|recommend|say) (?:\w+ )?(?:enough|strongly)",
-    r"\bi (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to) (?:browse|see|view|"
+    _I_CANT + r" (?:browse|see|view|"
     r"check|access (?:the internet|real-time|live|current)|predict|guarantee|promise|know|be sure|verify|confirm|"
     r"believe|wait|remember|open|read (?:images|files|links))\b",
     r"\bi (?:don't|do not) have (?:personal |my own )?(?:opinions|feelings|preferences|beliefs|emotions|"
     r"real-time|access to (?:the internet|real-time|current|live))",
-    r"\bi (?:can't|cannot|am unable to|'m unable to|am not able to|'m not able to) (?:provide|give|access|offer) "
+    _I_CANT + r" (?:provide|give|access|offer) "
     r"(?:you )?(?:with )?(?:real-time|current|live|up-to-date|the latest|today's|an? (?:exact|precise|definitive|"
     r"definite|accurate)|exact|precise|definitive)",
     r"\bi (?:don't|do not) (?:recommend|suggest|advise|condone|endorse|encourage|promote|support|advocate)\b",
@@ -167,10 +169,10 @@ _INCIDENTAL = _rx(
     r"\bi (?:can't|cannot|can not) (?:tell you how (?:many|much|often|important)|help but|help (?:feeling|thinking|"
     r"noticing|wondering|laughing))",
     r"\bi(?:'m| am) not a (?:doctor|lawyer|medical|legal|financial|licensed|qualified|professional|therapist)\b",
-    r"\bi (?:can't|cannot|am unable to|'m unable to|am not able to|'m not able to) (?:give|provide|offer) "
-    r"(?:you )?(?:personali[sz]ed |individual |specific )?(?:medical|legal|financial|tax|professional|investment) "
+    _I_CANT + r" (?:give|provide|offer) "
+    r"(?:you )?(?:an? )?(?:personali[sz]ed |individual |specific )?(?:medical|legal|financial|tax|professional|investment) "
     r"(?:advice|diagnos\w+|opinions?|guidance)\b",
-    r"\bi (?:can't|cannot|am unable to|'m unable to|don't|do not) (?:have|hold|form|provide|give|offer|share|express) "
+    _I_CANT[:-1] + r"| don't| do not) (?:have|hold|form|provide|give|offer|share|express) "
     r"(?:personal |my own )?(?:opinions|views|preferences|feelings|beliefs)\b",
 )
 
@@ -269,7 +271,7 @@ def _declines(text: str) -> list[re.Match]:
     """Matches of a declining phrase, minus those that are incidental (capability notes, "I can't stress enough")."""
     incidental = [m.span() for m in _INCIDENTAL.finditer(text)]
     return [m for m in _DECLINE.finditer(text)
-            if not any(a - 3 <= m.start() < b for a, b in incidental)]
+            if not any(a < m.end() and m.start() < b for a, b in incidental)]  # overlapping spans
 
 
 def _no_stock_refusal(text: str) -> bool:

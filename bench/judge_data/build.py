@@ -90,7 +90,12 @@ def split(rows: list[dict], seed: int = 12) -> tuple[list[dict], list[dict]]:
 
 
 def main():
-    rows = handwritten_rows() + composed_rows() + model_rows()
+    rows, seen = [], set()
+    for r in handwritten_rows() + composed_rows() + model_rows():
+        key = re.sub(r"\s+", " ", r["completion"].strip().lower())
+        if key not in seen:  # one copy of each text (a short stock refusal written twice, a composed repeat)
+            seen.add(key)
+            rows.append(r)
     ids = [r["id"] for r in rows]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:

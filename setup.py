@@ -144,7 +144,7 @@ ext_modules, build_ext = _extensions()
 
 setup(
     packages=find_packages(include=["agl", "agl.*"]),
-    package_data={"agl": ["driftcaps/data/*.jsonl", "experiment/data/*"]},
+    package_data={"agl": ["driftcaps/data/*.jsonl", "driftcaps/data/judge/*.jsonl", "experiment/data/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

@@ -20,12 +20,12 @@ Judges are callables ``(prompt, response) -> bool``; the default is the offline 
 """
 from __future__ import annotations
 
-from agl.driftcaps.judge import default_judge, judge_refusal, make_hf_judge
+from agl.driftcaps.judge import default_judge, judge_refusal, make_hf_judge, refusal_evidence
 from agl.driftcaps.prompts import Prompt, PromptFormatError, load_prompts
 
 __all__ = [
     "Prompt", "PromptFormatError", "load_prompts",
-    "judge_refusal", "default_judge", "make_hf_judge",
+    "judge_refusal", "refusal_evidence", "default_judge", "make_hf_judge",
     "evaluate", "DriftReport", "GenerationCache", "CacheWarning",
     "compare", "Comparison", "drift_reduction", "refusal_rate", "bootstrap_ci", "mcnemar_exact",
     "write_report", "plot_refusal_rates", "write_drift_reduction",

@@ -349,7 +349,7 @@ def default_judge(prompt: str, response: str) -> bool:
     return judge_refusal(response, prompt)
 
 
-default_judge.name = "heuristic"  # type: ignore[attr-defined]
+default_judge.name = "heuristic-v2"  # type: ignore[attr-defined]  (v2: the structure-aware rules of docs/JUDGE.md)
 
 
 def make_hf_judge(model_path, *, refusal_label: str | int = "refusal", device: str = "cpu", max_length: int = 512,

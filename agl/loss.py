@@ -266,7 +266,9 @@ class AGLLoss:
         # the multiplier in force (a tensor, so the budget update never syncs with the host)
         self._lambda_align: Optional[Tensor] = None
         self._last: Dict[str, Tensor] = {}
-        self._last_layers: Dict[str, Dict[str, Tensor]] = {}
+        # with config.per_layer_terms: the last call's (L, 5) per-layer values (the 4 terms, align_nats), kept as one
+        # tensor so logging adds no per-layer ops; turned into a dict only when last_terms is read
+        self._last_layers: Optional[Tensor] = None
         self._running: Dict[str, Tensor] = {}
         self._running_n = 0
 
@@ -362,12 +364,11 @@ class AGLLoss:
                       for k, v in parts.items()}
         self._last = {**{k: u[k].detach() for k in _TERMS}, "collision": collision.detach(), "regularizer": reg.detach(),
                       "align_nats": u["align_nats"].detach(), "lambda_align": lam_a.detach(), **shares}
-        self._last_layers = {}
+        self._last_layers = None
         if c.per_layer_terms:
             Td = T.detach()
             nats = 0.5 * self._nats_align * Td[:, 0] * self._numel.to(Td.device, Td.dtype)
-            self._last_layers = {e.key: {**dict(zip(_TERMS, Td[i].unbind())), "align_nats": nats[i]}
-                                 for i, e in enumerate(self.entries)}
+            self._last_layers = torch.cat([Td, nats[:, None]], dim=1)
         if c.align_budget is not None and torch.is_grad_enabled():
             self._budget_step(u["align_nats"].detach())
         return reg
@@ -445,16 +446,20 @@ class AGLLoss:
         - ``task_loss``, ``total``; plus ``layers`` (name -> per-layer means as ``agl_terms`` gives them and the
           layer's ``align_nats``) when ``config.per_layer_terms``."""
         out: Dict[str, Any] = {k: float(v) for k, v in self._last.items()}
-        if self._last_layers:
-            out["layers"] = {n: {k: float(v) for k, v in d.items()} for n, d in self._last_layers.items()}
+        if self._last_layers is not None:
+            out["layers"] = self._layers_dict(self._last_layers, (*_TERMS, "align_nats"))
         return out
+
+    def _layers_dict(self, values: Tensor, names) -> Dict[str, Dict[str, float]]:
+        """(L, k) per-layer values -> {layer key: {name: float}} (one host copy)."""
+        return {e.key: dict(zip(names, row)) for e, row in zip(self.entries, values.double().tolist())}
 
     @torch.no_grad()
     def layer_terms(self) -> Dict[str, Dict[str, float]]:
         """Per-layer (and adapter) values of the four terms now (per-element means, as ``agl_terms`` gives them),
         without recording anything."""
         T = self._term_matrix(resolve_backend(self.config.backend, self.entries[0].B.device))
-        return {e.key: {k: float(v) for k, v in zip(_TERMS, T[i].unbind())} for i, e in enumerate(self.entries)}
+        return self._layers_dict(T, _TERMS)
 
     def pop_running_means(self) -> Dict[str, float]:
         """Means of the recorded terms since the last call (what the logging callback reports), then reset."""

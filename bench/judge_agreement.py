@@ -99,8 +99,11 @@ def plot(result: dict, path: str, split: str = "test") -> None:
 
 
 def main(argv=None):
-    from agl._io import atomic_write_json, read_jsonl
+    from agl._io import read_jsonl
     from agl._provenance import provenance
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from _results import append_rows  # bench/_results.py: the one writer of result rows
     from agl.driftcaps.judge import judge_refusal
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,8 +113,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     data_dir = REPO / "agl" / "driftcaps" / "data" / "judge"
     old = baseline_judge()
-    result = {"kind": "judge_agreement", "provenance": provenance(), "baseline_commit": BASELINE_COMMIT,
-              "splits": {}}
+    prov = provenance()  # at the start: the load the run began under
+    result = {"kind": "judge_agreement", "baseline_commit": BASELINE_COMMIT, "splits": {}}
     for split in args.splits:
         rows = read_jsonl(data_dir / f"{split}.jsonl")
         new_s = score(rows, judge_refusal)
@@ -135,7 +138,7 @@ def main(argv=None):
             for i in new_s["misses"]:
                 r = by_id[i]
                 print(f"  MISS {i} [{r['label']}/{r['style']}] {r['completion'][:300]!r}")
-    atomic_write_json(args.out, result)
+    append_rows(args.out, [result], prov, key=("kind", "baseline_commit"))
     print(f"wrote {args.out}")
     if "test" in result["splits"]:
         png = str(Path(args.out).with_suffix(".png"))

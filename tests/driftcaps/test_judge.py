@@ -318,6 +318,15 @@ def _bench():
     return judge_agreement
 
 
+def _bench_results():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import _results
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return _results
+
+
 def test_wilson_interval():
     wilson = _bench().wilson
     lo, hi = wilson(92, 100)
@@ -329,7 +338,7 @@ def test_wilson_interval():
 def test_recorded_agreement_reproduces(judge_sets, split):
     """bench/results/judge_agreement.json was written by bench/judge_agreement.py with this judge on this data:
     a change to either without re-running the bench fails here."""
-    recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
+    recorded = _bench_results().pick(_bench_results().read_rows(RECORDED), kind="judge_agreement")
     assert recorded["provenance"]["git_commit"], "the recorded result carries no commit"
     rec = recorded["splits"][split]
     now = _bench().score(judge_sets[split], judge_refusal)

@@ -115,11 +115,11 @@ class AGLConfig:
       ``align_nats`` (a) at or below ε, by dual ascent on the multiplier in log space, starting from
       ``lambda_align`` (λ0), on the violation predicted ``budget_horizon`` (H) steps ahead:
       ``e = clamp((a + H·(a − a_prev))/ε − 1, −1, 3)``, ``log λ ← log λ + budget_lr · e``, λ kept within
-      [λ0/1e6, λ0·1e6]. Looking ahead lets λ rise while a is still climbing towards ε, which halves the overshoot
-      of plain dual ascent (measured on the tiny test model); docs/MATH.md derives it. The update runs in each
-      ``regularizer()`` call made with gradients enabled, i.e. once per micro-batch under gradient accumulation.
-      Start λ0 within a few decades of the weight the budget needs: from 1e3 times too small the first overshoot
-      was ~2.5ε on the tiny model (from 1e3 times too large it settles without one).
+      [λ0/1e6, λ0·1e6]. Looking ahead lets λ rise while a is still climbing towards ε: on the tiny test model
+      (``bench/budget_controller.py``) the peak fell from 2.7ε (plain dual ascent) to 1.6ε and the last 20 of 80
+      steps average 0.95ε; docs/MATH.md §6 derives it. The update runs in each ``regularizer()`` call made with
+      gradients enabled, i.e. once per micro-batch under gradient accumulation. Start λ0 within a few decades of
+      the weight the budget needs: from 1e3 times too small the first peak was 2.7ε (1e3 too large: 1.07ε).
     - ``budget_lr``: the dual step size η (unit-free: λ changes by at most ×e^(3η) up, ÷e^η down per step;
       default 0.3). ``budget_horizon``: H in steps (default 10; 0 is plain dual ascent).
     - ``task_metric``: ``"ones"`` (H = 1) or an :class:`AlignmentState` of the task data (a task Fisher, H = its F).
@@ -272,6 +272,7 @@ class AGLLoss:
         # the multiplier in force (a tensor, so the budget update never syncs with the host)
         self._lambda_align: Optional[Tensor] = None
         self._prev_align_nats: Optional[Tensor] = None
+        self._fixed_lambda: Dict[Tuple, Tensor] = {}
         self._last: Dict[str, Tensor] = {}
         self._last_layers: Dict[str, Dict[str, Tensor]] = {}
         self._running: Dict[str, Tensor] = {}
@@ -378,10 +379,16 @@ class AGLLoss:
         return reg
 
     def _lambda_align_tensor(self, like: Tensor) -> Tensor:
+        """λ_A as a 0-dim tensor on ``like``'s device and dtype (the fixed weight is made once per device)."""
         if self._lambda_align is None:
-            if self.config.align_budget is None:
-                return torch.tensor(self.config.lambda_align, dtype=like.dtype, device=like.device)
-            self._lambda_align = torch.tensor(self.config.lambda_align, dtype=torch.float64, device=like.device)
+            if self.config.align_budget is not None:
+                self._lambda_align = torch.tensor(self.config.lambda_align, dtype=torch.float64, device=like.device)
+            else:
+                fixed = self._fixed_lambda.get((like.device, like.dtype))
+                if fixed is None:
+                    fixed = self._fixed_lambda[(like.device, like.dtype)] = torch.tensor(
+                        self.config.lambda_align, dtype=like.dtype, device=like.device)
+                return fixed
         if self._lambda_align.device != like.device:
             self._lambda_align = self._lambda_align.to(like.device)
         return self._lambda_align.to(like.dtype)

@@ -127,10 +127,12 @@ class AGLConfig:
     - ``backend``: ``"auto"`` (the fused kernel when built for the device, else the reference), ``"kernel"``, ``"torch"``.
     - ``per_layer_terms``: also record per-layer values in ``last_terms["layers"]`` (one host sync per step).
 
-    The nats defaults (λ = 1 each) are the unit-free starting point the units were designed for: one nat of
-    predicted alignment loss, or of collision between the two parts of the update, costs one nat of task loss;
-    the task term's 1 prices a 100% relative change of the weights at one nat. The experiment
-    (``agl experiment``) sweeps them on calibration/dev data and the README reports what it finds.
+    The nats defaults (λ = 1 each) are the unit-free starting point the units were designed for, not yet a
+    measured optimum: one nat of predicted alignment loss, or of collision between the two parts of the update,
+    costs one nat of task loss. The task term's 1 prices a 100% relative change of the weights at one nat, so for
+    LoRA-sized updates (‖ΔW_T‖/‖W0‖ ~ 1e-2, relative size ~1e-4) it barely acts; it must be swept before it is
+    trusted. The experiment (``agl experiment``) sweeps the weights on calibration/dev data against
+    :meth:`AGLLoss.gradient_shares` and the README reports what it finds; the chosen values belong here.
     The paper-unit defaults were measured with ``bench/lambda_scale.py`` (bench/results/lambda_scale.json): on the
     real SmolLM2-135M-Instruct with a refusal-pair state, plain LoRA puts the mean align term at 0.4–1.2e-5, task
     1.4–4.3e-6, overlap 0.6–1.9e-7, geodesic 0.13 after 100–300 steps at lr 2e-4; λ_A = 1e5 makes the alignment
@@ -345,13 +347,10 @@ class AGLLoss:
                    geodesic=(align_l * T[:, 3]).sum())
         return out
 
-    def regularizer(self) -> Tensor:
-        """λ-weighted sum of the terms in ``config.units`` (a 0-dim tensor, differentiable w.r.t. every LoRA factor).
-        Records ``last_terms``; in budget mode (``config.align_budget``), with gradients enabled, also takes one
-        dual-ascent step on λ_A for the next call (this call uses the λ_A in force before it)."""
+    def _weighted(self):
+        """(T, terms in units, λ_A in force, the four weighted terms) for the factors as they are now."""
         c = self.config
-        backend = resolve_backend(c.backend, self.entries[0].B.device)
-        T = self._term_matrix(backend)
+        T = self._term_matrix(resolve_backend(c.backend, self.entries[0].B.device))
         u = self.unit_terms(T)
         lam_a = self._lambda_align_tensor(T)
         parts = {
@@ -360,6 +359,14 @@ class AGLLoss:
             "overlap": c.lambda_collision * c.alpha * u["overlap"],
             "geodesic": c.lambda_collision * (1.0 - c.alpha) * u["geodesic"],
         }
+        return T, u, lam_a, parts
+
+    def regularizer(self) -> Tensor:
+        """λ-weighted sum of the terms in ``config.units`` (a 0-dim tensor, differentiable w.r.t. every LoRA factor).
+        Records ``last_terms``; in budget mode (``config.align_budget``), with gradients enabled, also takes one
+        dual-ascent step on λ_A for the next call (this call uses the λ_A in force before it)."""
+        c = self.config
+        T, u, lam_a, parts = self._weighted()
         reg = parts["align"] + parts["task"] + parts["overlap"] + parts["geodesic"]
         collision = c.alpha * u["overlap"] + (1.0 - c.alpha) * u["geodesic"]
         with torch.no_grad():
@@ -377,6 +384,27 @@ class AGLLoss:
         if c.align_budget is not None and torch.is_grad_enabled():
             self._budget_step(u["align_nats"].detach())
         return reg
+
+    def gradient_shares(self) -> Dict[str, float]:
+        """How much each weighted term pulls on the LoRA factors now: ``grad_norm_<term>`` = ‖∂(λ·term)/∂θ‖₂ over
+        every LoRA factor θ, ``grad_share_<term>`` = that norm / the sum of the four (0 when all are 0), and
+        ``grad_norm_total`` = ‖∂ regulariser/∂θ‖₂ (≤ the sum; less when terms pull against each other). Four
+        backward passes through the regulariser and nothing recorded (``last_terms``, the budget multiplier and the
+        factors' ``.grad`` are left alone): a probe for calibrating weights, not something to call every step."""
+        params = list({id(p): p for e in self.entries for p in (e.A, e.B)}.values())
+        with torch.enable_grad():
+            _, _, _, parts = self._weighted()
+            norms = {}
+            for k, v in parts.items():
+                grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad else ()
+                norms[k] = math.sqrt(sum(float(g.double().square().sum()) for g in grads if g is not None))
+            total = parts["align"] + parts["task"] + parts["overlap"] + parts["geodesic"]
+            grads = torch.autograd.grad(total, params, allow_unused=True) if total.requires_grad else ()
+        out = {f"grad_norm_{k}": v for k, v in norms.items()}
+        out["grad_norm_total"] = math.sqrt(sum(float(g.double().square().sum()) for g in grads if g is not None))
+        denom = sum(norms.values())
+        out.update({f"grad_share_{k}": (v / denom if denom > 0 else 0.0) for k, v in norms.items()})
+        return out
 
     def _lambda_align_tensor(self, like: Tensor) -> Tensor:
         """λ_A as a 0-dim tensor on ``like``'s device and dtype (the fixed weight is made once per device)."""

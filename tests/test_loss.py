@@ -336,6 +336,26 @@ def test_bad_unit_and_budget_values():
     assert AGLConfig().lambda_align == 1.0 and AGLConfig(units="paper").lambda_align == 1e5
 
 
+def test_gradient_shares(trained):
+    """grad_norm_<term> is the gradient norm of that weighted term alone (an AGLLoss with the other weights 0), shares
+    sum to 1, and the probe leaves .grad and last_terms alone."""
+    model, st = trained
+    cfg = AGLConfig(backend="torch", lambda_align=2.0, lambda_task=3e3, lambda_collision=5.0, alpha=0.5)
+    L = AGLLoss(model, st, cfg)
+    L.regularizer()
+    before = L.last_terms
+    g = L.gradient_shares()
+    assert L.last_terms == before and all(p.grad is None for p in model.parameters())
+    assert sum(g[f"grad_share_{k}"] for k in ("align", "task", "overlap", "geodesic")) == pytest.approx(1.0)
+    assert 0 < g["grad_norm_total"] <= sum(g[f"grad_norm_{k}"] for k in ("align", "task", "overlap", "geodesic")) * (1 + 1e-12)
+    only_align = AGLLoss(model, st, AGLConfig(backend="torch", lambda_align=2.0, lambda_task=0.0, lambda_collision=0.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(only_align.regularizer(), params, allow_unused=True)
+    want = float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads if gr is not None)))
+    assert g["grad_norm_align"] == pytest.approx(want, rel=1e-9)
+    assert all(g[f"grad_norm_{k}"] > 0 for k in ("align", "task", "overlap", "geodesic"))
+
+
 def test_term_matrix_is_per_layer_means(trained):
     model, st = trained
     L = AGLLoss(model, st, AGLConfig(backend="torch"))

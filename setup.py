@@ -1,7 +1,9 @@
 """Build of the `agl` extension (distribution `alignguard-lora`).
 
-A CUDA build when torch is a CUDA build and nvcc is found (or AGL_FORCE_CUDA=1); a CPU-only build otherwise or with
-AGL_CPU_ONLY=1. The choice never depends on torch.cuda.is_available(), so GPU-less machines build CUDA wheels.
+A CUDA build when torch is a CUDA build (or AGL_FORCE_CUDA=1); a CPU-only build when torch is a CPU build or with
+AGL_CPU_ONLY=1. A CUDA torch without a CUDA toolkit (nvcc) is an error, not a silent CPU-only build: install the
+toolkit (or set CUDA_HOME), or ask for the CPU-only build with AGL_CPU_ONLY=1. The choice never depends on
+torch.cuda.is_available(), so GPU-less machines build CUDA wheels.
 Knobs: AGL_FORCE_CUDA, AGL_CPU_ONLY, TORCH_CUDA_ARCH_LIST (default "9.0": Hopper), MAX_JOBS (default from free
 memory), AGL_DEBUG=1 (-O0 -g).
 """
@@ -61,8 +63,12 @@ def _want_cuda(torch) -> bool:
         _log(f"torch {torch.__version__} is a CPU build: CPU-only build")
         return False
     if _real_cuda_home() is None:
-        _log("torch is a CUDA build but no CUDA toolkit (nvcc) was found: CPU-only build")
-        return False
+        # no silent fallback: a CPU-only build of a CUDA torch would pass every test while no .cu was compiled
+        raise SystemExit(
+            f"[agl build] error: torch {torch.__version__} is a CUDA {torch.version.cuda} build but no CUDA toolkit "
+            "(nvcc) was found (looked at CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda*). Install the toolkit "
+            "or set CUDA_HOME for the CUDA build, or set AGL_CPU_ONLY=1 for a CPU-only build."
+        )
     return True
 
 
@@ -133,6 +139,7 @@ def _write_build_info(torch, cuda: bool) -> None:
         f"TORCH_CUDA = {torch.version.cuda!r}\n"
         f"WITH_CUDA = {cuda!r}\n"
         f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None!r}\n"
+        f"CPU_ONLY_REQUESTED = {os.environ.get('AGL_CPU_ONLY') == '1'!r}\n"
     )
     path = ROOT / "agl" / "_build_info.py"
     tmp = path.with_suffix(".py.tmp")

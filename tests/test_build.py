@@ -16,11 +16,12 @@ SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
 
 
 def _setup_helpers() -> dict:
-    """The build-choice functions of setup.py (``_log``, ``_real_cuda_home``, ``_want_cuda``), without running
-    ``setup()``: their definitions are executed alone in a fresh namespace."""
+    """The build-choice functions of setup.py (``_log``, ``_real_cuda_home``, ``_want_cuda``,
+    ``_drop_stale_extension``), without running ``setup()``: their definitions are executed alone in a fresh
+    namespace."""
     tree = ast.parse(SETUP_PY.read_text(encoding="utf-8"))
     keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
-            or (isinstance(n, ast.FunctionDef) and n.name in ("_log", "_real_cuda_home", "_want_cuda"))]
+            or (isinstance(n, ast.FunctionDef) and n.name in ("_log", "_real_cuda_home", "_want_cuda", "_drop_stale_extension"))]
     ns: dict = {"__name__": "agl_setup_helpers"}
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(SETUP_PY), "exec"), ns)
     return ns
@@ -122,6 +123,20 @@ def test_setup_refuses_a_silent_cpu_only_build(monkeypatch):
     monkeypatch.delenv("AGL_CPU_ONLY")
     monkeypatch.setitem(ns, "_real_cuda_home", lambda: "/usr/local/cuda")
     assert ns["_want_cuda"](_fake_torch("13.0")) is True
+
+
+def test_setup_drops_an_extension_built_the_other_way(tmp_path):
+    """build_ext keeps an up-to-date library whatever flags built it; setup.py removes one of the other kind."""
+    ns = _setup_helpers()
+    ns["ROOT"] = tmp_path
+    (tmp_path / "agl").mkdir()
+    so = tmp_path / "agl" / "_C.cpython-311-x86_64-linux-gnu.so"
+    so.write_bytes(b"\x7fELF")
+    (tmp_path / "agl" / "_build_info.py").write_text("WITH_CUDA = False\n")
+    ns["_drop_stale_extension"](False)  # same kind: kept
+    assert so.exists()
+    ns["_drop_stale_extension"](True)  # a CPU-only library where a CUDA one is wanted: removed, so it is rebuilt
+    assert not so.exists()
 
 
 def test_cuda_build_wherever_one_can_be_built():

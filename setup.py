@@ -1,7 +1,9 @@
 """Build of the `agl` extension (distribution `alignguard-lora`).
 
-A CUDA build when torch is a CUDA build and nvcc is found (or AGL_FORCE_CUDA=1); a CPU-only build otherwise or with
-AGL_CPU_ONLY=1. The choice never depends on torch.cuda.is_available(), so GPU-less machines build CUDA wheels.
+A CUDA build when torch is a CUDA build (or AGL_FORCE_CUDA=1); a CPU-only build when torch is a CPU build or with
+AGL_CPU_ONLY=1. A CUDA torch without a CUDA toolkit (nvcc) is an error, not a silent CPU-only build: install the
+toolkit (or set CUDA_HOME), or ask for the CPU-only build with AGL_CPU_ONLY=1. The choice never depends on
+torch.cuda.is_available(), so GPU-less machines build CUDA wheels.
 Knobs: AGL_FORCE_CUDA, AGL_CPU_ONLY, TORCH_CUDA_ARCH_LIST (default "9.0": Hopper), MAX_JOBS (default from free
 memory), AGL_DEBUG=1 (-O0 -g).
 """
@@ -61,8 +63,12 @@ def _want_cuda(torch) -> bool:
         _log(f"torch {torch.__version__} is a CPU build: CPU-only build")
         return False
     if _real_cuda_home() is None:
-        _log("torch is a CUDA build but no CUDA toolkit (nvcc) was found: CPU-only build")
-        return False
+        # no silent fallback: a CPU-only build of a CUDA torch would pass every test while no .cu was compiled
+        raise SystemExit(
+            f"[agl build] error: torch {torch.__version__} is a CUDA {torch.version.cuda} build but no CUDA toolkit "
+            "(nvcc) was found (looked at CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda*). Install the toolkit "
+            "or set CUDA_HOME for the CUDA build, or set AGL_CPU_ONLY=1 for a CPU-only build."
+        )
     return True
 
 
@@ -111,6 +117,7 @@ def _extensions():
         Ext = cpp_extension.CUDAExtension
     else:
         Ext = cpp_extension.CppExtension
+    _drop_stale_extension(cuda)
     _write_build_info(torch, cuda)
     _max_jobs()
     return [
@@ -125,6 +132,16 @@ def _extensions():
     ], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
+def _drop_stale_extension(cuda: bool) -> None:
+    """Remove an in-place ``agl/_C*.so`` built with the other choice (CUDA vs CPU-only): build_ext compares only
+    timestamps, so it would keep a CPU-only library next to build info that says CUDA (and the reverse)."""
+    info = ROOT / "agl" / "_build_info.py"
+    if info.exists() and f"WITH_CUDA = {not cuda!r}" in info.read_text():
+        for so in glob.glob(str(ROOT / "agl" / "_C*.so")):
+            _log(f"removing {os.path.basename(so)}: it was built {'CPU-only' if cuda else 'with CUDA'}")
+            os.unlink(so)
+
+
 def _write_build_info(torch, cuda: bool) -> None:
     """Record what the extension was built against; `import agl` compares it with the running torch."""
     text = (
@@ -133,6 +150,7 @@ def _write_build_info(torch, cuda: bool) -> None:
         f"TORCH_CUDA = {torch.version.cuda!r}\n"
         f"WITH_CUDA = {cuda!r}\n"
         f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None!r}\n"
+        f"CPU_ONLY_REQUESTED = {os.environ.get('AGL_CPU_ONLY') == '1'!r}\n"
     )
     path = ROOT / "agl" / "_build_info.py"
     tmp = path.with_suffix(".py.tmp")

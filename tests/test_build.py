@@ -1,12 +1,30 @@
-"""The compiled extension: it loads, registers its kernels with the dispatcher, and refuses a mismatched torch."""
+"""The compiled extension: it loads, registers its kernels with the dispatcher, refuses a mismatched torch, and is
+a CUDA build wherever one can be built (a CUDA torch and a CUDA toolkit): a silent CPU-only build fails here."""
 from __future__ import annotations
 
+import ast
 import importlib
+import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from agl import _load
+
+SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
+
+
+def _setup_helpers() -> dict:
+    """The build-choice functions of setup.py (``_log``, ``_real_cuda_home``, ``_want_cuda``,
+    ``_drop_stale_extension``), without running ``setup()``: their definitions are executed alone in a fresh
+    namespace."""
+    tree = ast.parse(SETUP_PY.read_text(encoding="utf-8"))
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, ast.FunctionDef) and n.name in ("_log", "_real_cuda_home", "_want_cuda", "_drop_stale_extension"))]
+    ns: dict = {"__name__": "agl_setup_helpers"}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(SETUP_PY), "exec"), ns)
+    return ns
 
 
 def _build_info():
@@ -66,7 +84,7 @@ def test_rebuild_message_on_mismatch(monkeypatch, field, value):
 
 def test_no_message_when_matching():
     _load._load()  # the real build info matches: must not raise, and keeps the extension
-    assert _load.extension() is not None
+    assert _load.extension() is not None and _load.load_error() is None
 
 
 def test_missing_build_reports_error(monkeypatch):
@@ -84,3 +102,56 @@ def test_missing_build_reports_error(monkeypatch):
     finally:
         _load._EXT = saved
         _load._ERROR = None
+
+
+def _fake_torch(cuda):
+    return types.SimpleNamespace(__version__="2.14.1" + (f"+cu{cuda.replace('.', '')}" if cuda else "+cpu"),
+                                 version=types.SimpleNamespace(cuda=cuda))
+
+
+def test_setup_refuses_a_silent_cpu_only_build(monkeypatch):
+    """A CUDA torch without a CUDA toolkit is a build error naming the way out, not a quiet CPU-only build."""
+    ns = _setup_helpers()
+    for var in ("AGL_CPU_ONLY", "AGL_FORCE_CUDA"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(ns, "_real_cuda_home", lambda: None)
+    with pytest.raises(SystemExit, match="no CUDA toolkit.*AGL_CPU_ONLY=1"):
+        ns["_want_cuda"](_fake_torch("13.0"))
+    assert ns["_want_cuda"](_fake_torch(None)) is False  # a CPU torch: a CPU-only build is the only one possible
+    monkeypatch.setenv("AGL_CPU_ONLY", "1")
+    assert ns["_want_cuda"](_fake_torch("13.0")) is False  # asked for
+    monkeypatch.delenv("AGL_CPU_ONLY")
+    monkeypatch.setitem(ns, "_real_cuda_home", lambda: "/usr/local/cuda")
+    assert ns["_want_cuda"](_fake_torch("13.0")) is True
+
+
+def test_setup_drops_an_extension_built_the_other_way(tmp_path):
+    """build_ext keeps an up-to-date library whatever flags built it; setup.py removes one of the other kind."""
+    ns = _setup_helpers()
+    ns["ROOT"] = tmp_path
+    (tmp_path / "agl").mkdir()
+    so = tmp_path / "agl" / "_C.cpython-311-x86_64-linux-gnu.so"
+    so.write_bytes(b"\x7fELF")
+    (tmp_path / "agl" / "_build_info.py").write_text("WITH_CUDA = False\n")
+    ns["_drop_stale_extension"](False)  # same kind: kept
+    assert so.exists()
+    ns["_drop_stale_extension"](True)  # a CPU-only library where a CUDA one is wanted: removed, so it is rebuilt
+    assert not so.exists()
+
+
+def test_cuda_build_wherever_one_can_be_built():
+    """With a CUDA torch and a CUDA toolkit here, the extension must have its CUDA kernels (so every .cu compiled),
+    whether or not a GPU is present. Only an explicit AGL_CPU_ONLY=1 build is exempt (`make test` never makes one)."""
+    import agl.ops
+
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is a CPU build: no CUDA build is possible")
+    home = _setup_helpers()["_real_cuda_home"]()
+    if home is None:
+        pytest.skip("no CUDA toolkit (nvcc) here: setup.py refuses to build without AGL_CPU_ONLY=1")
+    if getattr(_build_info(), "CPU_ONLY_REQUESTED", False):
+        pytest.skip("the extension was built with AGL_CPU_ONLY=1 on request")
+    assert agl.ops.with_cuda(), (
+        f"torch {torch.__version__} is a CUDA build and a CUDA toolkit is at {home}, but the extension is a CPU-only "
+        "build: rebuild it (`make build`); a CPU-only build leaves every .cu uncompiled")
+    assert _build_info().WITH_CUDA

@@ -23,8 +23,10 @@ def state64(model64):
     return estimate_alignment_state(model64, tiny_batches(7, 3), keep_moments=True, dtype=torch.float64, progress=False)
 
 
-def _brute_force(model, batches):
-    """Independent oracle: one backward per sample, per-sample W0.grad squared, normalised by hand."""
+def _brute_force(model, batches, per_sample: bool = True):
+    """Independent oracle: one backward per sample, per-sample W0.grad squared, normalised by hand. With
+    ``per_sample=False``: the EWC mistake instead, one backward per *batch* (summed loss), the batch gradient
+    squared."""
     from peft.tuners.lora import LoraLayer
 
     layers = {n: m.get_base_layer() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -37,21 +39,22 @@ def _brute_force(model, batches):
     model.eval()
     N = 0
     for b in batches:
-        for i in range(b["input_ids"].shape[0]):
+        n_rows = b["input_ids"].shape[0]
+        for rows in ([slice(i, i + 1) for i in range(n_rows)] if per_sample else [slice(0, n_rows)]):
             for base in layers.values():
                 base.weight.grad = None
-            logits = model(input_ids=b["input_ids"][i : i + 1], attention_mask=b["attention_mask"][i : i + 1]).logits
-            lab = b["labels"][i, 1:]
-            lp = torch.log_softmax(logits[0, :-1], -1)
+            logits = model(input_ids=b["input_ids"][rows], attention_mask=b["attention_mask"][rows]).logits
+            lab = b["labels"][rows, 1:]
+            lp = torch.log_softmax(logits[:, :-1], -1)
             keep = lab != -100
-            loss = -lp[keep.nonzero().flatten(), lab[keep]].sum()  # summed token loss of the sample
+            loss = -lp[keep].gather(-1, lab[keep].unsqueeze(-1)).sum()  # summed token loss of the sample(s)
             loss.backward()
             for n, base in layers.items():
                 G = base.weight.grad
                 sums[n][0] = sums[n][0] + G * G
                 sums[n][1] = sums[n][1] + G @ G.T
                 sums[n][2] = sums[n][2] + G.T @ G
-            N += 1
+        N += n_rows
     for p, f in flags:
         p.requires_grad_(f)
         p.grad = None
@@ -84,12 +87,45 @@ def test_both_moment_paths_agree(model64, state64, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-16)
 
 
-def test_batch_squared_gradient_is_not_the_fisher(model64, state64):
-    """Guard against the EWC mistake: one whole-batch sample gives a different (larger-variance) estimate."""
-    one = estimate_alignment_state(model64, [{k: v[:1] for k, v in tiny_batches(7, 3)[0].items()}], progress=False,
-                                   dtype=torch.float64, subspaces=False)
-    name = next(iter(state64.layers))
-    assert not torch.allclose(one.layers[name].fisher, state64.layers[name].fisher)
+def _assert_per_sample_fisher(state, per_sample, squared_batch):
+    """The EWC-mistake guard: the estimate equals the per-sample (empirical) Fisher mean_i G_i^2 and not the
+    square of the batch gradient (sum_i G_i)^2, on a case where the two differ by far more than the tolerance."""
+    for name, ls in state.layers.items():
+        F, M = per_sample[name][0], squared_batch[name][0]
+        assert float((F - M).abs().sum() / F.abs().sum()) > 0.2, f"{name}: the case does not separate the estimators"
+        torch.testing.assert_close(ls.fisher, F, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_batch_references(model64):
+    """Seven samples in one batch: the hooks see all seven at once, the setting where the mistake would happen."""
+    batches = tiny_batches(7, 7)
+    return batches, _brute_force(model64, batches)[0], _brute_force(model64, batches, per_sample=False)[0]
+
+
+def test_fisher_is_per_sample_not_squared_batch_gradient(model64, one_batch_references):
+    batches, per_sample, squared_batch = one_batch_references
+    state = estimate_alignment_state(model64, batches, progress=False, dtype=torch.float64, subspaces=False)
+    _assert_per_sample_fisher(state, per_sample, squared_batch)
+
+
+def test_ewc_guard_fails_for_the_squared_batch_gradient(model64, one_batch_references, monkeypatch):
+    """The guard can fail: with the accumulator patched to square the whole batch's gradient (the EWC mistake), the
+    estimate matches the mistake's oracle and the guard rejects it."""
+    import agl.fisher as fisher_mod
+
+    def squared_batch_gradient(self, delta, X, fan_in_fan_out, chunk_elems):
+        R, C = (X, delta) if fan_in_fan_out else (delta, X)
+        G = torch.einsum("btm,btn->mn", R.to(self.compute_dtype), C.to(self.compute_dtype))  # sum_i G_i
+        self.add(G.unsqueeze(0))
+
+    monkeypatch.setattr(fisher_mod._Accumulator, "add_from_activations", squared_batch_gradient)
+    batches, per_sample, squared_batch = one_batch_references
+    wrong = estimate_alignment_state(model64, batches, progress=False, dtype=torch.float64, subspaces=False)
+    for name, ls in wrong.layers.items():
+        torch.testing.assert_close(ls.fisher, squared_batch[name][0], rtol=1e-10, atol=1e-12)
+    with pytest.raises(AssertionError):
+        _assert_per_sample_fisher(wrong, per_sample, squared_batch)
 
 
 def test_subspaces_orthonormal_and_energy_rule(state64):

@@ -20,13 +20,18 @@ def test_recovers_A_beta_with_noise(A, beta, seed):
 
 
 def test_with_offset_recovers_E():
+    """A negative offset makes the small-D losses negative: the plain power law cannot fit them (it rejects them),
+    the law with an offset recovers E and β."""
     rng = np.random.default_rng(3)
     D = np.logspace(2, 5, 50)
-    y = forgetting_law(D, 0.01, 0.5, E=-0.05) + rng.normal(0, 0.005, D.size)
-    assert (y < 0).any() or True
+    y = forgetting_law(D, 0.01, 0.5, E=-0.15) + rng.normal(0, 0.005, D.size)  # A·D^β + E < 0 for D < 225
+    assert (y < 0).sum() >= 5
+    with pytest.raises(ValueError, match="<= 0"):
+        fit_forgetting_law(D, y, n_boot=0)
     fit = fit_forgetting_law(D, y, with_offset=True, n_boot=200)
     assert abs(fit.beta - 0.5) < 0.08
-    assert fit.E_ci[0] <= -0.05 <= fit.E_ci[1]
+    assert abs(fit.E + 0.15) < 0.05
+    assert fit.E_ci[0] <= -0.15 <= fit.E_ci[1] and fit.E_ci[1] < 0
     assert fit.beta_ci[0] <= 0.5 <= fit.beta_ci[1]
 
 

@@ -132,8 +132,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     if cache:
         for r in read_jsonl(cache, missing_ok=True, tolerate_torn_tail=True):
             done[r["prompt"]] = r
-        if done:  # rewritten without a torn last line, so the appends below start on a line of their own
-            write_jsonl(cache, list(done.values()))
+        # rewritten without a torn last line, so the appends below start on a line of their own
+        write_jsonl(cache, list(done.values()))
     todo = [p for p in dict.fromkeys(prompts) if p not in done]
     todo.sort(key=len)  # similar lengths together: less padding
     was_training = model.training

@@ -5,12 +5,13 @@ Independent of the loader code on purpose: these tests guard the data files them
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+
+from agl._io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = REPO / "agl" / "driftcaps" / "data" / "prompts.jsonl"
@@ -31,24 +32,14 @@ def _norm(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            rec = json.loads(line)
-            assert isinstance(rec, dict), f"{path.name}:{n} is not a JSON object"
-            out.append(rec)
-    return out
-
-
 @pytest.fixture(scope="module")
 def prompts() -> list[dict]:
-    return _read_jsonl(PROMPTS)
+    return read_jsonl(PROMPTS)  # raises, naming the line, on a line that is not a JSON object
 
 
 @pytest.fixture(scope="module")
 def refusals() -> list[dict]:
-    return _read_jsonl(REFUSALS)
+    return read_jsonl(REFUSALS)
 
 
 def test_schema(prompts):

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from agl.distributed import sharded_terms_for, sq_norm
 from agl.functional import agl_terms
 from agl.peft_binding import LayerFilter, LoraBinding, find_lora_layers
 from agl.state import AlignmentState
@@ -219,17 +220,19 @@ class _Entry:
 
 def _base_weight_sq_norm(binding: LoraBinding) -> float:
     """‖W0‖²_F of the layer's frozen base weight (float64 sum)."""
-    w = binding.module.get_base_layer().weight
-    return float(w.detach().to(torch.float64).square().sum())
+    return sq_norm(binding.module.get_base_layer().weight)  # an FSDP2 DTensor too (its rows all-reduced)
 
 
 class AGLLoss:
     """Task loss + AGL regularisers over every active peft LoRA adapter of ``model``; see the module docstring.
 
     ``state``: the :class:`AlignmentState` of the aligned model (checked against the model here: every mismatch is
-    reported in one ``ValueError``). Merged adapters, a model without LoRA layers and sharded (FSDP / ZeRO-3)
-    parameters raise clear errors. Under DDP the value is identical on every rank (same parameters, same state,
-    and so the same budget multiplier).
+    reported in one ``ValueError``). Merged adapters, a model without LoRA layers and FSDP1 / ZeRO-3 parameters
+    raise clear errors. Under DDP the value is identical on every rank (same parameters, same state, and so the
+    same budget multiplier). Under FSDP2 (``fully_shard``: DTensor LoRA factors), or with a
+    ``ShardedAlignmentState``, each rank holds only its rows of every layer's Fisher; the per-layer grid sums are
+    all-reduced before the terms are formed, so value and gradients equal the single-process ones
+    (``agl.distributed``); every rank must then call the regulariser (it is a collective).
     """
 
     def __init__(self, model: nn.Module, state: AlignmentState, config: Optional[AGLConfig] = None):
@@ -251,6 +254,8 @@ class AGLLoss:
         self.entries: List[_Entry] = [
             _Entry(b.name, a.adapter, b, a.A, a.B, a.scaling) for b in bindings for a in b.adapters
         ]
+        # FSDP2 (DTensor factors) or a row-sharded state: this rank holds only its Fisher rows (agl.distributed)
+        self._sharded = sharded_terms_for(self.entries, state, task_state, self.config)
         # unit conversions (docs/MATH.md, "Units"): nats per unit of Σ F̃ ΔW² for the alignment and the task Fisher,
         # and Σ_l ‖W0_l‖² for the relative size of the task part when there is no task Fisher
         self._numel = torch.tensor([e.numel for e in self.entries], dtype=torch.float64)
@@ -298,6 +303,8 @@ class AGLLoss:
     def _term_matrix(self, backend: str) -> Tensor:
         """(L, 4) tensor, one row per entry: ``align, task, overlap, geodesic`` exactly as ``agl_terms`` returns
         them (per-element means; geodesic a squared cosine), float32 (float64 for float64 factors), differentiable."""
+        if self._sharded is not None:
+            return self._sharded.term_matrix(backend)
         rows = []
         for e in self.entries:
             t = torch.stack(list(self._layer_terms(e, backend)))

@@ -2,7 +2,7 @@
 (Fisher sharded by rows), on a Llama-shaped peft model built in code; plus the same arithmetic for a 70B-shaped
 layer set on 8 ranks.
 
-    python bench/bench_fsdp_memory.py [--hidden 1024 --layers 4 --kv-heads 4 --samples 8 --seq 32 --r 8]
+    python bench/bench_fsdp_memory.py [--hidden 1024 --layers 8 --kv-heads 4 --samples 8 --seq 32 --r 8]
 
 Per rank it records
 - ``state_fisher_bytes`` / ``state_subspace_bytes``: the bytes the state's tensors hold (Fisher rows; U and V,
@@ -13,13 +13,14 @@ Per rank it records
   this rank's rows, read and verified in row blocks);
 - ``regularizer_peak_mib``: the rise of peak resident memory over building ``AGLLoss`` and one forward + backward of
   the regulariser (kernel backend).
-RSS figures include allocator slack and are rounded to pages; the state bytes are exact. Rows go to
+RSS figures are rounded to pages and include whatever else the step allocates (activations, per-sample
+gradients, collective buffers); the state bytes are exact. Rows go to
 bench/results/bench_fsdp_memory.json with provenance (bench/_results.py).
 """
 from __future__ import annotations
 
 import argparse
-import math
+import ctypes
 import os
 import socket
 import sys
@@ -61,9 +62,12 @@ def _rss(field: str) -> int:
 
 
 class PeakRSS:
-    """The rise of peak resident memory over a block: VmHWM is reset (clear_refs 5) at entry."""
+    """The rise of peak resident memory over a block: freed heap memory is returned to the system (malloc_trim) and
+    VmHWM reset (clear_refs 5) at entry. With ``MALLOC_MMAP_THRESHOLD_`` fixed (``main`` sets it) every large
+    tensor is its own mapping, so resident memory follows the tensors allocated and freed."""
 
     def __enter__(self):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self.base = _rss("VmRSS")
@@ -112,7 +116,8 @@ def measure(rank: int, world: int, args, out_dir: str) -> dict:
             fully_shard(layer)
         fully_shard(model)
     with PeakRSS() as est_mem:
-        st = estimate_alignment_state(model, batches(args), progress=False, max_rank=args.max_rank)
+        st = estimate_alignment_state(model, batches(args), progress=False, max_rank=args.max_rank,
+                                      chunk_elems=args.chunk_elems)
     if world == 1:
         st = ShardedAlignmentState.shard(st, 0, 1)
     path = os.path.join(out_dir, f"state_w{world}")
@@ -160,14 +165,18 @@ def arithmetic_70b(world: int, max_rank: int = 64):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--max-rank", type=int, default=16)
+    ap.add_argument("--chunk-elems", type=int, default=1 << 21,
+                    help="per-sample gradient elements formed at once in estimation (small: the accumulators show)")
     ap.add_argument("--out", default=str(RESULTS / "bench_fsdp_memory.json"))
     args = ap.parse_args()
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != str(1 << 16):  # glibc reads it at start: run again with it
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)})
     prov = provenance()
     model_name = f"llama h{args.hidden} L{args.layers} kv{args.kv_heads} r{args.r}"
     shapes = layer_shapes(args.hidden, args.layers, args.kv_heads * 64)
@@ -189,7 +198,7 @@ def main():
                 assert r["state_fisher_bytes"] == want, (r["state_fisher_bytes"], want)  # the arithmetic holds
                 rows.append({"bench": "fsdp_memory", "kind": "measured", "model": model_name, "world": world,
                              "rank": rank, "fisher_dtype": "float32", "samples": args.samples, "seq": args.seq,
-                             "max_rank": args.max_rank, **r})
+                             "max_rank": args.max_rank, "chunk_elems": args.chunk_elems, **r})
     rows += arithmetic_70b(1) + arithmetic_70b(8)
     print(f"{'kind':10} {'world':>5} {'rank':>4} {'Fisher MiB':>11} {'U/V MiB':>8} {'estimate MiB':>12} "
           f"{'load MiB':>9} {'regulariser MiB':>15}")

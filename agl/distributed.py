@@ -9,6 +9,11 @@ partial sums gives the global sums, and only then are the terms formed:
 
 so value and gradients equal the single-process ones up to the order of the float additions.
 
+Each rank builds its own loss on the (replicated) terms; the gradient sent back into the rows is the mean over ranks of
+the terms' gradients (one more all-reduce of a (layers, 4) matrix), the data-parallel objective DDP and FSDP2 use for
+the task loss. So ``task_r + reg`` on every rank gives mean_r ∇task_r + ∇reg, the single-process gradient of
+mean_r task_r + reg, and per-rank weights on the regulariser (``trainer_loss``) are averaged as under DDP.
+
 Gradients: the LoRA factors are small, so each rank gathers them whole (FSDP2 shards them by rows too:
 ``_GatherRows``, one all-gather for all factors) and every rank computes the same replicated loss. The gradient a rank
 gets for a whole factor covers only its own Fisher rows (all of A, its rows of L); the backward of the gather is a
@@ -159,19 +164,30 @@ class _SumGradsOverRanks(torch.autograd.Function):
         return (None, *out)
 
 
+def _mean_over_ranks(g: Tensor, group) -> Tensor:
+    """(1/W) Σ_ranks g: the gradient a rank passes back through the global sums (see :class:`_SumOverRanks`)."""
+    g = g.contiguous().clone()
+    dist.all_reduce(g, group=group)
+    return g / dist.get_world_size(group)
+
+
 class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (SUM) of per-rank partial sums whose result feeds a replicated loss: the gradient of each rank's
-    part is the gradient of the total, so the backward is the identity."""
+    """All-reduce (SUM) of per-rank partial sums S_k. Each rank builds its own loss_r on the global sums S, and the
+    data-parallel objective is the mean over ranks (what DDP and FSDP2 do to the task gradients): the gradient of S
+    is then (1/W) Σ_r ∂loss_r/∂S, the same on every rank, and each rank sends it into its own rows. When every rank's
+    loss has the same regulariser (AGLLoss.__call__), that is exactly ∂reg/∂S; with per-rank weights (trainer_loss
+    with token counts) it is their mean, as under DDP."""
 
     @staticmethod
     def forward(ctx, group, S: Tensor):
+        ctx.group = group
         S = S.clone()
         dist.all_reduce(S, group=group)
         return S
 
     @staticmethod
     def backward(ctx, g):
-        return None, g
+        return None, _mean_over_ranks(g, ctx.group)
 
 
 def gather_whole(params: Sequence[Tensor], group) -> List[Tensor]:
@@ -193,7 +209,8 @@ def gather_whole(params: Sequence[Tensor], group) -> List[Tensor]:
 # ---------------------------------------------------------------------------------------------- the terms
 class _KernelRowTerms(torch.autograd.Function):
     """(layers, 4) terms from the fused op on each rank's rows: partial sums from ``agl::terms_fwd``, one all-reduce,
-    terms from the global sums. Backward: ``agl::terms_bwd`` with the global sums on the rank's rows; the op divides
+    terms from the global sums. Backward: the terms' gradient averaged over ranks (as in :class:`_SumOverRanks`),
+    then ``agl::terms_bwd`` with the global sums on the rank's rows; the op divides
     the mean terms' gradients by its own N (rows × n), so they are rescaled by N_rows/N first (the geodesic term
     does not depend on N)."""
 
@@ -210,13 +227,14 @@ class _KernelRowTerms(torch.autograd.Function):
         S = torch.stack([s.to(S[0].dtype) for s in S])
         dist.all_reduce(S, group=group)
         ctx.save_for_backward(S, *[f for f in factors])
-        ctx.layers, ctx.scalars = layers, scalars
+        ctx.layers, ctx.scalars, ctx.group = layers, scalars, group
         N = torch.tensor([lay[2] for lay in layers], dtype=S.dtype, device=S.device)
         return terms_from_sums(S, N, scalars[-1])
 
     @staticmethod
     def backward(ctx, grad_T):
         S, *factors = ctx.saved_tensors
+        grad_T = _mean_over_ranks(grad_T, ctx.group)  # as _SumOverRanks: the ranks' losses averaged
         grads: List[Optional[Tensor]] = []
         for i, (F, H, N, nrows, scale) in enumerate(ctx.layers):
             L, R, La, Ra = factors[4 * i: 4 * i + 4]

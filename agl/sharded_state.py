@@ -224,16 +224,22 @@ def _safe_open(file: str):
         raise ValueError(f"agl: {file!r} is not a readable safetensors file ({exc})") from exc
 
 
-def _read_rows_verified(f, file: str, key: str, digest: Optional[str], r0: int, r1: int) -> Tensor:
-    """Rows [r0, r1) of tensor ``key`` in the open file ``f``; the whole tensor is streamed through sha256 in row
-    blocks and compared with ``digest`` (None: not verified), so at most one block beyond the rows is held."""
+def _read_rows_verified(f, file: str, key: str, digest: Optional[str], r0: int, r1: int,
+                        out: Optional[Tensor] = None) -> Tensor:
+    """Rows [r0, r1) of tensor ``key`` in the open file ``f``, written into ``out`` (allocated when None) and
+    returned; the whole tensor is streamed through sha256 in row blocks and compared with ``digest`` (None: not
+    verified), so at most one block beyond the rows is held."""
     sl = f.get_slice(key)
     shape = tuple(sl.get_shape())
     rows = shape[0]
     probe = sl[0:0]
+    if out is None:
+        out = probe.new_empty((r1 - r0,) + shape[1:])
+    if out.dtype != probe.dtype or tuple(out.shape) != (r1 - r0,) + shape[1:]:
+        raise ValueError(f"agl: {file!r} is corrupt: {key} is {probe.dtype} {shape}, the manifest describes "
+                         f"{out.dtype} with {tuple(out.shape[1:])} columns")
     row_bytes = max(1, probe.element_size() * math.prod(shape[1:]))
     step = max(1, _READ_ROWS_BYTES // row_bytes)
-    kept: List[Tensor] = []
 
     def blocks() -> Iterator[bytes]:
         for a in range(0, rows, step):
@@ -241,7 +247,7 @@ def _read_rows_verified(f, file: str, key: str, digest: Optional[str], r0: int, 
             t = sl[a:b]
             lo, hi = max(a, r0), min(b, r1)
             if lo < hi:
-                kept.append(t[lo - a: hi - a].clone())
+                out[lo - r0: hi - r0].copy_(t[lo - a: hi - a])
             if t.numel():
                 yield t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -253,7 +259,7 @@ def _read_rows_verified(f, file: str, key: str, digest: Optional[str], r0: int, 
         if actual != digest:
             raise ValueError(f"agl: {file!r} is corrupt: {key} has sha256 {actual[:16]}… but the manifest records "
                              f"{digest[:16]}…")
-    return torch.cat(kept) if kept else probe.new_empty((0,) + shape[1:])
+    return out
 
 
 def _load_sharded(cls, path: str, rank: int, world: int, device) -> ShardedAlignmentState:
@@ -273,8 +279,10 @@ def _load_sharded(cls, path: str, rank: int, world: int, device) -> ShardedAlign
             if tensor_digest(key, t) != digest:
                 raise ValueError(f"agl: {path!r}/{sub['file']} is corrupt: {key} does not match its sha256")
             subspaces[key] = t
-    blocks: Dict[str, List[Tuple[int, Tensor]]] = {n: [] for n in names}
     want = {n: row_range(meta["layers"][n]["shape"][0], rank, world) for n in names}
+    dtype = getattr(torch, str(meta.get("fisher_dtype", "float32")))
+    fisher = {n: torch.empty(want[n][1] - want[n][0], meta["layers"][n]["shape"][1], dtype=dtype) for n in names}
+    filled = {n: 0 for n in names}
     for shard in meta["shards"]:
         touched = [n for n in names if max(want[n][0], shard["rows"][n][0]) < min(want[n][1], shard["rows"][n][1])]
         if not touched:
@@ -285,17 +293,16 @@ def _load_sharded(cls, path: str, rank: int, world: int, device) -> ShardedAlign
                 s0, s1 = shard["rows"][n]
                 r0, r1 = want[n]
                 key = f"{n}/fisher"
-                t = _read_rows_verified(f, file, key, shard["sha256"].get(key), max(r0, s0) - s0, min(r1, s1) - s0)
-                blocks[n].append((max(r0, s0), t))
+                lo, hi = max(r0, s0), min(r1, s1)
+                _read_rows_verified(f, file, key, shard["sha256"].get(key), lo - s0, hi - s0, fisher[n][lo - r0: hi - r0])
+                filled[n] += hi - lo
     layers, shapes = {}, {}
     for n in names:
         m, ncol = meta["layers"][n]["shape"]
         r0, r1 = want[n]
-        parts = sorted(blocks[n], key=lambda p: p[0])
-        got = sum(t.shape[0] for _, t in parts)
-        if got != r1 - r0:
-            raise ValueError(f"agl: {path!r} is corrupt: its shards give {got} of rows [{r0}, {r1}) of {n}/fisher")
-        F = torch.cat([t for _, t in parts]) if parts else torch.empty(0, ncol)
+        if filled[n] != r1 - r0:  # shards' rows are disjoint: a shortfall is a gap in the files
+            raise ValueError(f"agl: {path!r} is corrupt: its shards give {filled[n]} of rows [{r0}, {r1}) of {n}/fisher")
+        F = fisher.pop(n)
         U, V = subspaces.get(f"{n}/U"), subspaces.get(f"{n}/V")
         layers[n] = LayerState(*(None if t is None else t.to(device) for t in (F, U, V)))
         shapes[n] = (int(m), int(ncol))

@@ -11,8 +11,9 @@ Per rank it records
   /proc/self/clear_refs) while ``estimate_alignment_state`` runs;
 - ``load_peak_mib``: the rise of peak resident memory while loading the saved state (``ShardedAlignmentState.load``:
   this rank's rows, read and verified in row blocks);
-- ``regularizer_peak_mib``: the rise of peak resident memory over building ``AGLLoss`` and one forward + backward of
-  the regulariser (kernel backend).
+- ``agl_loss_init_peak_mib``: the rise of peak resident memory while building ``AGLLoss`` (it checks the state and
+  takes ‖W0‖² of the base weights in float64, the local rows under FSDP2);
+- ``regularizer_peak_mib``: the same over one forward + backward of the regulariser (kernel backend).
 RSS figures are rounded to pages and include whatever else the step allocates (activations, per-sample
 gradients, collective buffers); the state bytes are exact. Rows go to
 bench/results/bench_fsdp_memory.json with provenance (bench/_results.py).
@@ -127,12 +128,14 @@ def measure(rank: int, world: int, args, out_dir: str) -> dict:
     del st
     with PeakRSS() as load_mem:
         st = ShardedAlignmentState.load(path)
-    with PeakRSS() as reg_mem:
+    with PeakRSS() as init_mem:
         loss = AGLLoss(model, st, AGLConfig(backend="kernel"))
+    with PeakRSS() as reg_mem:
         loss.regularizer().backward()
     ranks = [ls.U.shape[1] for ls in st.layers.values() if ls.U is not None]
     return {"state_fisher_bytes": fisher, "state_subspace_bytes": sub, "estimate_peak_mib": est_mem.peak / MIB,
-            "load_peak_mib": load_mem.peak / MIB, "regularizer_peak_mib": reg_mem.peak / MIB, "subspace_rank_max": max(ranks)}
+            "load_peak_mib": load_mem.peak / MIB, "agl_loss_init_peak_mib": init_mem.peak / MIB,
+            "regularizer_peak_mib": reg_mem.peak / MIB, "subspace_rank_max": max(ranks)}
 
 
 def _worker(rank: int, world: int, port: int, args, out_dir: str, results):
@@ -201,12 +204,12 @@ def main():
                              "max_rank": args.max_rank, "chunk_elems": args.chunk_elems, **r})
     rows += arithmetic_70b(1) + arithmetic_70b(8)
     print(f"{'kind':10} {'world':>5} {'rank':>4} {'Fisher MiB':>11} {'U/V MiB':>8} {'estimate MiB':>12} "
-          f"{'load MiB':>9} {'regulariser MiB':>15}")
+          f"{'load MiB':>9} {'AGLLoss() MiB':>13} {'regulariser MiB':>15}")
     for r in rows:
         if r["kind"] == "measured":
             print(f"{'measured':10} {r['world']:>5} {r['rank']:>4} {r['state_fisher_bytes'] / MIB:>11.1f} "
                   f"{r['state_subspace_bytes'] / MIB:>8.1f} {r['estimate_peak_mib']:>12.1f} {r['load_peak_mib']:>9.1f} "
-                  f"{r['regularizer_peak_mib']:>15.1f}")
+                  f"{r['agl_loss_init_peak_mib']:>13.1f} {r['regularizer_peak_mib']:>15.1f}")
         else:
             print(f"{'70B arith':10} {r['world']:>5} {r['rank']:>4} {r['state_fisher_gib'] * 1024:>11.0f} "
                   f"{r['state_subspace_gib'] * 1024:>8.0f} {r['estimate_accumulator_gib'] * 1024:>12.0f}")

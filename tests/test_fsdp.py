@@ -62,9 +62,9 @@ def lora_params(model):
 
 
 def train_steps(model, agl_loss, batches, world: int, rank: int):
-    """The regulariser's own gradients, then STEPS steps of SGD on task loss + regulariser; each rank takes
-    batches[rank] (one process: the mean of all). Returns [(regulariser value, {lora param name: whole gradient})],
-    the first entry the regulariser alone."""
+    """The regulariser's own gradients, then STEPS steps of SGD on task loss + regulariser (each rank takes
+    batches[rank]; one process: the mean of all), then the gradients of a per-rank weighted regulariser. Returns
+    [(regulariser value, {lora param name: whole gradient})]."""
     opt = torch.optim.SGD([p for _, p in lora_params(model)], lr=LR)
 
     def record():
@@ -81,6 +81,12 @@ def train_steps(model, agl_loss, batches, world: int, rank: int):
         agl_loss(task).backward()
         out.append(record())
         opt.step()
+    # per-rank weights on the regulariser (trainer_loss weighs it by each rank's share of the tokens): the gradient
+    # is the mean over ranks, as DDP / FSDP2 average the task gradients; one process takes the mean weight
+    opt.zero_grad()
+    w = (0.5, 2.0)[rank] if world > 1 else 1.25
+    (w * agl_loss.regularizer()).backward()
+    out.append(record())
     return out
 
 

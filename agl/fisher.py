@@ -16,7 +16,9 @@ sample) is the Fisher of the token-averaged loss, the unit ``AGLLoss`` reports n
 No ``W0.grad`` is computed: all parameters are frozen during estimation and the hooks make each target's output a
 differentiable leaf when nothing upstream requires grad. Under ``torch.distributed`` (DDP, gloo or nccl), samples are
 split across ranks by global index (sample j goes to rank j % world) and the sums are all-reduced, so N samples on k
-ranks give the single-process state up to float rounding.
+ranks give the single-process state up to float rounding. On an FSDP2 model (DTensor weights) the same split is used
+and each layer's F is reduce-scattered by rows in its hook instead: each rank gets its rows of the state
+(``agl.sharded_fisher``).
 """
 from __future__ import annotations
 

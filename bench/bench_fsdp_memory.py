@@ -10,10 +10,12 @@ Per rank it records
 - ``estimate_peak_mib``: the rise of the process's peak resident memory (VmHWM, reset through
   /proc/self/clear_refs) while ``estimate_alignment_state`` runs;
 - ``load_peak_mib``: the rise of peak resident memory while loading the saved state (``ShardedAlignmentState.load``:
-  this rank's rows, read and verified in row blocks);
+  this rank's rows, read and verified in row blocks); it counts the file pages safetensors maps while reading, so
+  about twice the rows read;
 - ``agl_loss_init_peak_mib``: the rise of peak resident memory while building ``AGLLoss`` (it checks the state and
   takes ‖W0‖² of the base weights in float64, the local rows under FSDP2);
-- ``regularizer_peak_mib``: the same over one forward + backward of the regulariser (kernel backend).
+- ``regularizer_peak_mib``: the same over one forward + backward of the regulariser (kernel backend), the second
+  call (the first fills caches and the collectives' buffers).
 RSS figures are rounded to pages and include whatever else the step allocates (activations, per-sample
 gradients, collective buffers); the state bytes are exact. Rows go to
 bench/results/bench_fsdp_memory.json with provenance (bench/_results.py).
@@ -130,6 +132,7 @@ def measure(rank: int, world: int, args, out_dir: str) -> dict:
         st = ShardedAlignmentState.load(path)
     with PeakRSS() as init_mem:
         loss = AGLLoss(model, st, AGLConfig(backend="kernel"))
+    loss.regularizer().backward()  # first call: caches, the collectives' first buffers
     with PeakRSS() as reg_mem:
         loss.regularizer().backward()
     ranks = [ls.U.shape[1] for ls in st.layers.values() if ls.U is not None]

@@ -154,8 +154,10 @@ def _worker(rank: int, world: int, port: int, args, out_dir: str, results):
 def arithmetic_70b(world: int, max_rank: int = 64):
     """Per-rank bytes of a Llama-70B-shaped state (80 layers, hidden 8192, 8 kv heads of 128: q/o 8192 x 8192,
     k/v 1024 x 8192), bf16 Fisher, float32 U / V of rank ``max_rank``; and the estimation's float64 row
-    accumulators plus one whole-layer contribution (the largest, 8192 x 8192 float64) in flight."""
+    accumulators plus one whole-layer contribution (the largest, 8192 x 8192 float64) in flight, and the float64
+    second moments S_out (m x m), S_in (n x n) the rank owns (layer i on rank i % world; the most any rank holds)."""
     shapes = layer_shapes(8192, 80, 1024)
+    moments = [sum((m * m + n * n) * 8 for i, (m, n) in enumerate(shapes) if i % world == k) for k in range(world)]
     rows = []
     for rank in sorted({0, world - 1}):
         fisher, sub = state_bytes(shapes, world, rank, fisher_bytes=2, subspace_rank=max_rank)
@@ -164,6 +166,7 @@ def arithmetic_70b(world: int, max_rank: int = 64):
                      "rank": rank, "fisher_elements_total": sum(m * n for m, n in shapes),
                      "state_fisher_gib": fisher / 2**30, "state_subspace_gib": sub / 2**30,
                      "estimate_accumulator_gib": (acc + 8192 * 8192 * 8) / 2**30,
+                     "estimate_moments_gib_max": max(moments) / 2**30,
                      "fisher_dtype": "bfloat16", "max_rank": max_rank})
     return rows
 
@@ -180,6 +183,7 @@ def main():
     ap.add_argument("--chunk-elems", type=int, default=1 << 21,
                     help="per-sample gradient elements formed at once in estimation (small: the accumulators show)")
     ap.add_argument("--out", default=str(RESULTS / "bench_fsdp_memory.json"))
+    ap.add_argument("--arithmetic-only", action="store_true", help="write only the 70B-shaped arithmetic rows")
     args = ap.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != str(1 << 16):  # glibc reads it at start: run again with it
         os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)})
@@ -188,7 +192,7 @@ def main():
     shapes = layer_shapes(args.hidden, args.layers, args.kv_heads * 64)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for world in (1, 2):
+        for world in () if args.arithmetic_only else (1, 2):
             results = mp.Manager().dict() if world > 1 else {}
             if world == 1:
                 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ from agl.functional import AGLTerms, agl_terms
 __version__ = "0.1.0"
 
 __all__ = ["AGLTerms", "agl_terms", "AlignmentState", "AGLConfig", "AGLLoss", "AGLLoggingCallback",
-           "estimate_alignment_state", "__version__"]
+           "estimate_alignment_state", "ShardedAlignmentState", "__version__"]
 
 
 def __getattr__(name):  # lazy: keeps `import agl` light (transformers/peft load only when needed)
@@ -19,6 +19,10 @@ def __getattr__(name):  # lazy: keeps `import agl` light (transformers/peft load
         from agl import fisher
 
         return getattr(fisher, name)
+    if name == "ShardedAlignmentState":
+        from agl import sharded_state
+
+        return sharded_state.ShardedAlignmentState
     if name in ("AGLConfig", "AGLLoss", "AGLLoggingCallback"):
         from agl import loss
 

@@ -16,7 +16,9 @@ sample) is the Fisher of the token-averaged loss, the unit ``AGLLoss`` reports n
 No ``W0.grad`` is computed: all parameters are frozen during estimation and the hooks make each target's output a
 differentiable leaf when nothing upstream requires grad. Under ``torch.distributed`` (DDP, gloo or nccl), samples are
 split across ranks by global index (sample j goes to rank j % world) and the sums are all-reduced, so N samples on k
-ranks give the single-process state up to float rounding.
+ranks give the single-process state up to float rounding. On an FSDP2 model (DTensor weights) the same split is used
+and each layer's F is reduce-scattered by rows in its hook instead: each rank gets its rows of the state
+(``agl.sharded_fisher``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
+from agl.distributed import fsdp2_group, is_dtensor
 from agl.peft_binding import resolve_targets, unwrap_model
 from agl.state import AlignmentState, LayerState
 
@@ -151,9 +154,11 @@ def _dist_info():
     return None, 0, 1
 
 
-def _iter_samples(batches: Iterable[Mapping[str, Tensor]], max_samples: Optional[int], rank: int, world: int):
+def _iter_samples(batches: Iterable[Mapping[str, Tensor]], max_samples: Optional[int], rank: int, world: int,
+                  pad_empty: bool = False):
     """Yield (this rank's sub-batch or None, its global sample ids, samples in the batch) with at most
-    ``max_samples`` samples in all."""
+    ``max_samples`` samples in all. ``pad_empty`` (FSDP2, where every rank must run every forward): a rank without
+    samples in a batch gets the batch's first sample with every label -100 (no loss, zero gradients) and no id."""
     seen = 0
     for batch in batches:
         if max_samples is not None and seen >= max_samples:
@@ -165,6 +170,11 @@ def _iter_samples(batches: Iterable[Mapping[str, Tensor]], max_samples: Optional
         ids = torch.arange(seen, seen + take)
         seen += take
         keep = (ids % world == rank).nonzero().flatten()
+        if keep.numel() == 0 and pad_empty:
+            pad = {k: (v[:1] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b else v) for k, v in batch.items()}
+            pad["labels"] = torch.full_like(pad["input_ids"], -100)
+            yield pad, [], take
+            continue
         if keep.numel() == 0:
             yield None, [], take
             continue
@@ -307,6 +317,9 @@ def estimate_alignment_state(
     ``dtype``: dtype of the returned tensors (accumulation is float64). ``split_across_ranks``: under an initialised
     ``torch.distributed``, each rank processes samples j with j % world == rank (set False when the data is already
     sharded per rank; the sums are all-reduced either way).
+    On an FSDP2 model (``fully_shard``: DTensor weights) it returns this rank's
+    :class:`agl.sharded_state.ShardedAlignmentState` (its rows of every Fisher; see ``agl.sharded_fisher``); every
+    rank must then run the same number of batches (with ``split_across_ranks=False``, the same number per rank).
     The model is put in eval mode with frozen parameters during estimation and restored afterwards.
     """
     _check_options(fisher, energy, max_rank, max_samples)
@@ -317,14 +330,28 @@ def estimate_alignment_state(
     device = _model_device(net)
     cdtype = _compute_dtype(net)
     accs: Dict[str, _Accumulator] = {}
-    for name, (mod, fifo, shape) in targets.items():
+    fsdp2 = None  # the FSDP2 process group when the hooked weights are DTensors: the Fisher is then kept by rows
+    for index, (name, (mod, fifo, shape)) in enumerate(targets.items()):
         w = getattr(mod, "weight", None)
-        if w is not None and (w.numel() == 0 or type(w).__name__ in ("DTensor", "FlatParameter") or hasattr(w, "ds_id")):
+        if w is not None and is_dtensor(w):
+            fsdp2 = fsdp2_group(w, f"the weight of {name!r}")
+            from agl.sharded_fisher import RowShardedAccumulator
+
+            new_local = functools.partial(_Accumulator, shape, device, subspaces, cdtype)
+            accs[name] = RowShardedAccumulator(new_local, shape, index, fsdp2, device)
+            continue
+        if w is not None and (w.numel() == 0 or type(w).__name__ == "FlatParameter" or hasattr(w, "ds_id")):
             raise NotImplementedError(
-                f"agl: the weight of {name!r} is sharded (FSDP / ZeRO-3); estimate the alignment state on an unsharded "
-                "model (DDP or a single process)"
+                f"agl: the weight of {name!r} is sharded by FSDP1 or DeepSpeed ZeRO-3, which agl does not support; "
+                "shard the model with FSDP2 (fully_shard; the state is then estimated and kept by rows), or estimate "
+                "on an unsharded model (DDP or a single process)"
             )
         accs[name] = _Accumulator(shape, device, subspaces, cdtype)
+    if fsdp2 is not None and len({type(a) for a in accs.values()}) != 1:
+        raise NotImplementedError("agl: some hooked weights are FSDP2 DTensors and some are not; fully_shard every "
+                                  "decoder layer (and the root) before estimating")
+    if fsdp2 is not None:
+        split_rank, split_world = (dist.get_rank(fsdp2), dist.get_world_size(fsdp2)) if split_across_ranks else (0, 1)
 
     def fwd_hook(acc: _Accumulator, fifo: bool, module, inputs, output):
         X = inputs[0].detach()
@@ -352,7 +379,7 @@ def estimate_alignment_state(
         bar = tqdm(total=total, desc="agl fisher", unit="sample")
     try:
         with _Frozen(net), torch.enable_grad():
-            for sub, ids, n_batch in _iter_samples(batches, max_samples, split_rank, split_world):
+            for sub, ids, n_batch in _iter_samples(batches, max_samples, split_rank, split_world, fsdp2 is not None):
                 if bar is not None:
                     bar.update(n_batch)
                 if sub is None:
@@ -375,7 +402,7 @@ def estimate_alignment_state(
         count_t = torch.tensor([float(count), float(tokens)], dtype=torch.float64, device=device)
         dist.all_reduce(count_t)
         count, tokens = (int(round(v)) for v in count_t.tolist())
-        for a in accs.values():
+        for a in (accs.values() if fsdp2 is None else ()):  # row-sharded sums were reduced in the hooks
             for t in (a.F, a.S_out, a.S_in):
                 if t is not None:
                     dist.all_reduce(t)
@@ -383,6 +410,12 @@ def estimate_alignment_state(
         "fisher": fisher, "energy": float(energy), "max_rank": int(max_rank), "max_samples": max_samples,
         "modules": list(targets), "subspaces": bool(subspaces), "seed": int(seed), "world_size": int(world),
     }
+    if fsdp2 is not None:
+        from agl.sharded_fisher import finish_sharded
+
+        return finish_sharded(accs, count, tokens, energy=energy, max_rank=max_rank, subspaces=subspaces,
+                              keep_moments=keep_moments, dtype=dtype, options=options, top_eigvecs=_top_eigvecs,
+                              group=fsdp2)
     return _finish(accs, count, energy=energy, max_rank=max_rank, subspaces=subspaces, keep_moments=keep_moments,
                    dtype=dtype, options=options, dist=dist, tokens=tokens)
 

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from agl.distributed import sharded_terms_for, sq_norm
 from agl.functional import agl_terms_grouped
 from agl.peft_binding import LayerFilter, LoraBinding, find_lora_layers
 from agl.state import AlignmentState
@@ -229,17 +230,19 @@ class _Entry:
 
 def _base_weight_sq_norm(binding: LoraBinding) -> float:
     """‖W0‖²_F of the layer's frozen base weight (float64 sum)."""
-    w = binding.module.get_base_layer().weight
-    return float(w.detach().to(torch.float64).square().sum())
+    return sq_norm(binding.module.get_base_layer().weight)  # an FSDP2 DTensor too (its rows all-reduced)
 
 
 class AGLLoss:
     """Task loss + AGL regularisers over every active peft LoRA adapter of ``model``; see the module docstring.
 
     ``state``: the :class:`AlignmentState` of the aligned model (checked against the model here: every mismatch is
-    reported in one ``ValueError``). Merged adapters, a model without LoRA layers and sharded (FSDP / ZeRO-3)
-    parameters raise clear errors. Under DDP the value is identical on every rank (same parameters, same state,
-    and so the same budget multiplier).
+    reported in one ``ValueError``). Merged adapters, a model without LoRA layers and FSDP1 / ZeRO-3 parameters
+    raise clear errors. Under DDP the value is identical on every rank (same parameters, same state, and so the
+    same budget multiplier). Under FSDP2 (``fully_shard``: DTensor LoRA factors), or with a
+    ``ShardedAlignmentState``, each rank holds only its rows of every layer's Fisher; the per-layer grid sums are
+    all-reduced before the terms are formed, so value and gradients equal the single-process ones
+    (``agl.distributed``); every rank must then call the regulariser (it is a collective).
     """
 
     def __init__(self, model: nn.Module, state: AlignmentState, config: Optional[AGLConfig] = None):
@@ -261,6 +264,8 @@ class AGLLoss:
         self.entries: List[_Entry] = [
             _Entry(b.name, a.adapter, b, a.A, a.B, a.scaling) for b in bindings for a in b.adapters
         ]
+        # FSDP2 (DTensor factors) or a row-sharded state: this rank holds only its Fisher rows (agl.distributed)
+        self._sharded = sharded_terms_for(self.entries, state, task_state, self.config)
         # unit conversions (docs/MATH.md, "Units"): nats per unit of Σ F̃ ΔW² for the alignment and the task Fisher,
         # and Σ_l ‖W0_l‖² for the relative size of the task part when there is no task Fisher
         self._numel = torch.tensor([e.numel for e in self.entries], dtype=torch.float64)
@@ -303,6 +308,8 @@ class AGLLoss:
         """The (L, 4) terms (align, task, overlap, geodesic) of every entry, rows in ``self.entries`` order, from one
         ``agl_terms_grouped`` call: the op forms B_align = U (Uᵀ B), A_align = (A V) Vᵀ itself, so a step dispatches
         the same few ops whatever the number of layers (``fan_in_fan_out`` layers add one transpose each)."""
+        if self._sharded is not None:  # FSDP2: each rank sums its Fisher rows; sums all-reduced (agl.distributed)
+            return self._sharded.term_matrix(backend)
         Ls, Rs, Fs, Hs, Us, Vs, scales = [], [], [], [], [], [], []
         for e in self.entries:
             A, B = e.A, e.B

@@ -6,8 +6,9 @@ Binds to unmodified peft: every LoRA layer is a ``peft.tuners.lora.LoraLayer`` w
 ``fan_in_fan_out`` layers (GPT-2 ``Conv1D``) store their weight transposed, (in, out), and so does the state
 (``agl.AlignmentState`` keeps every tensor in the base weight's own shape).
 
-Sharded parameters are not supported: FSDP (``FlatParameter`` or ``DTensor`` weights) and DeepSpeed ZeRO-3 (weights
-partitioned to empty tensors) raise ``NotImplementedError`` naming the layer. DDP (replicated parameters) is supported.
+DDP (replicated parameters) and FSDP2 (``DTensor`` parameters sharded by rows; ``AGLLoss`` then holds the Fisher by
+rows too, see ``agl.distributed``) are supported. FSDP1 (``FlatParameter``) and DeepSpeed ZeRO-3 (weights partitioned
+to empty tensors) raise ``NotImplementedError`` naming the layer and pointing to FSDP2.
 """
 from __future__ import annotations
 
@@ -69,13 +70,15 @@ def base_weight_shape(module: nn.Module) -> tuple:
 
 
 def _is_sharded(p: torch.Tensor) -> Optional[str]:
+    """Why ``p`` cannot be regularised (a sharding layout AGL does not support), or None. FSDP2 DTensors are
+    supported (``AGLLoss`` checks their layout and takes the row-sharded path)."""
     cls = type(p).__name__
     if cls == "FlatParameter" or getattr(p, "_is_flat_param", False):
-        return "FSDP FlatParameter"
-    if cls == "DTensor" or hasattr(p, "_spec") and hasattr(p, "_local_tensor"):
-        return "DTensor (FSDP2 / tensor parallel)"
+        return "FSDP1 FlatParameter"
     if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
         return "DeepSpeed ZeRO-3 partitioned parameter"
+    if cls == "DTensor" or hasattr(p, "_spec") and hasattr(p, "_local_tensor"):
+        return None
     if p.numel() == 0:
         return "empty (partitioned) parameter"
     return None
@@ -99,7 +102,7 @@ def find_lora_layers(model: nn.Module, layers: LayerFilter = None, *, require: b
     ``layers`` filters by qualified name: a regular expression (``re.search``), a collection of exact names, or a
     callable ``name -> bool``. Raises ``ValueError`` if no LoRA layer is found (with ``require``) or an adapter is
     merged into its base weight, ``NotImplementedError`` for non-Linear LoRA layers (embedding, conv) and for
-    sharded parameters (FSDP / ZeRO-3).
+    FSDP1 / ZeRO-3 parameters (FSDP2 DTensors are returned as they are).
     """
     LoraLayer = _lora_layer_class()
     model = unwrap_model(model)
@@ -132,9 +135,9 @@ def find_lora_layers(model: nn.Module, layers: LayerFilter = None, *, require: b
                 why = _is_sharded(p)
                 if why:
                     raise NotImplementedError(
-                        f"agl: {name}.{pname}[{a!r}] is a {why}; AGLLoss needs whole (replicated) LoRA factors. "
-                        "FSDP / DeepSpeed ZeRO-3 are not supported yet: use DDP (or ZeRO-1/2), or keep the LoRA "
-                        "parameters unsharded"
+                        f"agl: {name}.{pname}[{a!r}] is a {why}, a sharding AGL does not support (DeepSpeed "
+                        "ZeRO-3, FSDP1). Shard the model with FSDP2 instead (torch.distributed.fsdp.fully_shard, or "
+                        "accelerate with fsdp_version: 2; see the README, 'Multi-GPU: FSDP2'), or use DDP / ZeRO-1/2"
                     )
             adapters.append(AdapterFactors(a, la.weight, lb.weight, float(module.scaling[a])))
         found.append(LoraBinding(name, module, base_weight_shape(module), bool(getattr(module, "fan_in_fan_out", False)), adapters))

@@ -50,6 +50,17 @@ def agl_terms(
     from agl._checks import check_inputs
 
     check_inputs(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps)
+    S = agl_sums(B, A, B_align, A_align, fisher=fisher, task_metric=task_metric, align_mask=align_mask, scale=scale,
+                 beta=beta, tau=tau, sharpness=sharpness)
+    return AGLTerms(*terms_from_sums(S, B.shape[0] * A.shape[1], eps).unbind(-1))
+
+
+def agl_sums(B: Tensor, A: Tensor, B_align: Optional[Tensor] = None, A_align: Optional[Tensor] = None, *,
+             fisher: Optional[Tensor] = None, task_metric: Optional[Tensor] = None, align_mask: Optional[Tensor] = None,
+             scale: float = 1.0, beta: float = 4.0, tau: float = 0.01, sharpness: float = 100.0) -> Tensor:
+    """The five grid sums (5,) = [Σ G D_A², Σ H D_T², Σ η |D_A| |D_T|, Σ G D_A D_T, Σ G D_T²] (docs/MATH.md §2),
+    differentiable. Rows of D depend only on rows of B, so the sums of a row block of the grid are this function
+    of ``B[r0:r1]`` (and ``B_align``, ``fisher``, ... rows): sums of row blocks add up to the whole grid's."""
     D = scale * (B @ A)
     if align_mask is not None:
         D_A = align_mask.to(D.dtype) * D
@@ -61,8 +72,13 @@ def agl_terms(
     G = fisher.to(D.dtype) if fisher is not None else torch.ones_like(D)
     H = task_metric.to(D.dtype) if task_metric is not None else torch.ones_like(D)
     eta = 1 + beta * torch.sigmoid(sharpness * (D.abs() - tau))
-    align = (G * D_A**2).mean()
-    task = (H * D_T**2).mean()
-    overlap = (eta * D_A.abs() * D_T.abs()).mean()
-    geodesic = (G * D_A * D_T).sum() ** 2 / ((G * D_A**2).sum() * (G * D_T**2).sum() + eps)
-    return AGLTerms(align, task, overlap, geodesic)
+    return torch.stack([(G * D_A**2).sum(), (H * D_T**2).sum(), (eta * D_A.abs() * D_T.abs()).sum(),
+                        (G * D_A * D_T).sum(), (G * D_T**2).sum()])
+
+
+def terms_from_sums(S: Tensor, N, eps: float) -> Tensor:
+    """(..., 4) terms [align, task, overlap, geodesic] from (..., 5) sums over N = m·n elements (N a number or a
+    tensor broadcasting against ``S[..., 0]``): S0/N, S1/N, S2/N, S3²/(S0·S4 + eps); the mirror of
+    ``terms_from_sums`` in csrc/agl_math.h."""
+    S0, S1, S2, S3, S4 = S.unbind(-1)
+    return torch.stack([S0 / N, S1 / N, S2 / N, S3 * S3 / (S0 * S4 + eps)], dim=-1)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -56,10 +57,24 @@ def tensor_digest(name: str, t: Tensor) -> str:
     length-prefixed so no two different (name, dtype, shape, bytes) give the same stream."""
     t = t.detach().to("cpu").contiguous()
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return stream_digest(name, t.dtype, tuple(t.shape), [raw])
+
+
+def stream_digest(name: str, dtype: torch.dtype, shape: tuple, chunks: Iterable[bytes]) -> str:
+    """:func:`tensor_digest` of a tensor given as consecutive pieces of its raw bytes (e.g. blocks of rows read from
+    a file), so a large tensor is verified without holding it whole."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     h = hashlib.sha256()
-    for part in (name.encode(), str(t.dtype).encode(), json.dumps(list(t.shape)).encode(), raw):
+    for part in (name.encode(), str(dtype).encode(), json.dumps(list(shape)).encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
+    h.update(nbytes.to_bytes(8, "little"))
+    seen = 0
+    for c in chunks:
+        h.update(c)
+        seen += len(c)
+    if seen != nbytes:
+        raise ValueError(f"agl: digest of {name!r}: got {seen} bytes, its dtype and shape need {nbytes}")
     return h.hexdigest()
 
 

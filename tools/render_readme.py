@@ -222,9 +222,41 @@ def experiment() -> str:
     return _report_table("2026-11-28-cpu-3seed", ["lora", "agl", "ewc"], seeds=True)
 
 
+def fsdp_memory() -> str:
+    """Per-rank memory of the state and the regulariser: the newest measured run (1 process, then 2 FSDP2 ranks of
+    the same commit) and the 70B-shaped arithmetic."""
+    path = BENCH / "bench_fsdp_memory.json"
+    rows = read_rows(path)
+    one = pick(rows, kind="measured", world=1)
+    same = {k: one[k] for k in ("model", "samples", "seq", "max_rank")}
+    shown = [one] + [r for r in matching(rows, kind="measured", world=2, **same)
+                     if r["provenance"].get("git_commit") == one["provenance"].get("git_commit")
+                     and r["provenance"].get("date", "")[:10] == one["provenance"].get("date", "")[:10]][-2:]
+
+    def mib(x: float) -> str:
+        return f"{x:.1f} MiB" if x < 1024 else f"{x / 1024:.1f} GiB"
+
+    out = [[f"{r['model']} (measured)", str(r["world"]), str(r["rank"]), mib(r["state_fisher_bytes"] / 2**20),
+            mib(r["state_subspace_bytes"] / 2**20), mib(r["estimate_peak_mib"]), mib(r["load_peak_mib"]),
+            mib(r["agl_loss_init_peak_mib"]), mib(r["regularizer_peak_mib"])]
+           for r in shown]
+    for world in (1, 8):
+        a = pick(rows, kind="arithmetic", world=world, rank=0)
+        out.append([f"70B-shaped q/k/v/o, {a['fisher_elements_total'] / 1e9:.1f} G elements, bf16 (arithmetic)",
+                    str(world), "each", mib(a["state_fisher_gib"] * 1024), mib(a["state_subspace_gib"] * 1024),
+                    f"{mib(a['estimate_accumulator_gib'] * 1024)} F rows (float64, + one layer in flight) + "
+                    f"up to {mib(a['estimate_moments_gib_max'] * 1024)} S_out/S_in owned", "–", "–", "–"])
+    text = table(["model", "ranks", "rank", "Fisher held", "U, V (whole on every rank)", "estimation: peak rise",
+                  "load: peak rise", "AGLLoss(): peak rise", "regulariser step: peak rise"], out)
+    return text + ("\nPeak rises are of resident memory (VmHWM) over the step, so they include activations, "
+                   "per-sample gradients, collective buffers and, for the load, the file pages mapped while reading; "
+                   "the regulariser step is the second call. The state columns are the bytes of its tensors.\n"
+                   + sources(shown + [pick(rows, kind="arithmetic", world=8, rank=0)], path))
+
+
 TABLES: Dict[str, Callable[[], str]] = {
     "h200-ops": h200_ops, "cpu-ops": cpu_ops, "agl-loss": agl_loss, "fisher": fisher, "driftcaps": driftcaps,
-    "demo": demo, "experiment": experiment,
+    "demo": demo, "experiment": experiment, "fsdp-memory": fsdp_memory,
 }
 
 

@@ -1,0 +1,231 @@
+"""FSDP2: 2 CPU processes on gloo (tests/_tiny.py's peft Llama, float64, ``fully_shard`` per decoder layer then the
+root). One spawn runs everything the ranks do (process start-up dominates on a loaded box); the parent then repeats
+it in one process and compares:
+
+- AGLLoss under FSDP2, each rank holding half of every layer's Fisher rows: value and LoRA gradients equal the
+  single-process ones for several optimiser steps (kernel and torch backends; a sharded state and a whole one);
+- ``estimate_alignment_state`` on the FSDP2 model: the row blocks concatenated equal the single-process state,
+  each rank holding about half of the Fisher;
+- the sharded state saved at world size 2 loads in one process exactly, and a state saved in one process loads at
+  world size 2 exactly (each rank its rows).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _tiny import tiny_batches, tiny_llama  # noqa: E402
+
+STEPS, N_SAMPLES, BATCH, LR = 3, 7, 3, 0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_state(model, seed: int = 3):
+    """A whole AlignmentState with a positive random Fisher and random orthonormal U (m x 3), V (n x 3)."""
+    from agl.peft_binding import find_lora_layers
+    from agl.state import AlignmentState, LayerState
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for b in find_lora_layers(model):
+        m, n = b.shape
+        F = torch.rand(m, n, generator=g, dtype=torch.float64) + 0.5
+        U = torch.linalg.qr(torch.randn(m, 3, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(n, 3, generator=g, dtype=torch.float64))[0]
+        layers[b.name] = LayerState(F, U, V)
+    return AlignmentState(layers, num_samples=5, fisher_scale=1.0, num_tokens=40)
+
+
+def fsdp2(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def lora_params(model):
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+
+
+def train_steps(model, agl_loss, batches, world: int, rank: int):
+    """The regulariser's own gradients, then STEPS steps of SGD on task loss + regulariser (each rank takes
+    batches[rank]; one process: the mean of all), then the gradients of a per-rank weighted regulariser. Returns
+    [(regulariser value, {lora param name: whole gradient})]."""
+    opt = torch.optim.SGD([p for _, p in lora_params(model)], lr=LR)
+
+    def record():
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                 for n, p in lora_params(model)}
+        return torch.tensor(agl_loss.last_terms["regularizer"], dtype=torch.float64), grads
+
+    agl_loss.regularizer().backward()
+    out = [record()]
+    for _ in range(STEPS):
+        opt.zero_grad()
+        mine = [batches[rank]] if world > 1 else batches
+        task = sum(model(**b).loss for b in mine) / len(mine)
+        agl_loss(task).backward()
+        out.append(record())
+        opt.step()
+    # per-rank weights on the regulariser (trainer_loss weighs it by each rank's share of the tokens): the gradient
+    # is the mean over ranks, as DDP / FSDP2 average the task gradients; one process takes the mean weight
+    opt.zero_grad()
+    w = (0.5, 2.0)[rank] if world > 1 else 1.25
+    (w * agl_loss.regularizer()).backward()
+    out.append(record())
+    return out
+
+
+def _dump(st) -> dict:
+    return {"layers": {n: (ls.fisher, ls.U, ls.V, ls.S_out, ls.S_in) for n, ls in st.layers.items()},
+            "rows": {n: st.layer_rows(n) for n in st.layers}, "bytes": st.fisher_bytes(), "rank": st.rank,
+            "world": st.world_size, "meta": (st.num_samples, st.num_tokens, st.fisher_scale)}
+
+
+def single_process_state():
+    from agl.fisher import estimate_alignment_state
+
+    return estimate_alignment_state(tiny_llama(dtype=torch.float64, init_b=0.05), tiny_batches(N_SAMPLES, BATCH),
+                                    progress=False, dtype=torch.float64, keep_moments=True)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from agl.loss import AGLConfig, AGLLoss
+        from agl.sharded_state import ShardedAlignmentState
+
+        batches = tiny_batches(2 * BATCH, BATCH)
+        res = {}
+        whole = random_state(tiny_llama(dtype=torch.float64, init_b=0.05))
+        # kernel backend with this rank's rows of the state and a task Fisher; torch backend with the whole state
+        sharded = ShardedAlignmentState.shard(whole)
+        task_fisher = ShardedAlignmentState.shard(random_state(tiny_llama(dtype=torch.float64), seed=5))
+        for backend, st, H in (("kernel", sharded, task_fisher), ("torch", whole, "ones")):
+            model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05))
+            L = AGLLoss(model, st, AGLConfig(backend=backend, task_metric=H))
+            res[backend] = train_steps(model, L, batches, world, rank)
+        # Fisher estimation on the FSDP2 model, its save at world size 2, and loads of single-process saves
+        from agl.fisher import estimate_alignment_state
+
+        model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05))
+        est = estimate_alignment_state(model, tiny_batches(N_SAMPLES, BATCH), progress=False, dtype=torch.float64,
+                                       keep_moments=True)
+        res["estimate"] = _dump(est)
+        est.save(os.path.join(out_dir, "saved_at_2"), fisher_dtype=torch.float64)
+        res["loaded_dir"] = _dump(ShardedAlignmentState.load(os.path.join(out_dir, "saved_at_1")))
+        res["loaded_file"] = _dump(ShardedAlignmentState.load(os.path.join(out_dir, "whole")))
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    from agl.sharded_state import ShardedAlignmentState
+
+    out = tmp_path_factory.mktemp("fsdp")
+    single = single_process_state()
+    ShardedAlignmentState.shard(single, 0, 1).save(str(out / "saved_at_1"), fisher_dtype=torch.float64)
+    single.save(str(out / "whole"), fisher_dtype=torch.float64)
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return {"dir": out, "single": single, "ranks": [torch.load(out / f"rank{r}.pt") for r in range(2)]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_loss_and_gradients_equal_single_process(ranks, backend):
+    from agl.loss import AGLConfig, AGLLoss
+    from agl.state import AlignmentState
+
+    if backend == "kernel":
+        from agl.functional import kernel_supports
+
+        if not kernel_supports("cpu"):
+            pytest.skip("the compiled extension is not built")
+    batches = tiny_batches(2 * BATCH, BATCH)
+    whole = random_state(tiny_llama(dtype=torch.float64, init_b=0.05))
+    H = random_state(tiny_llama(dtype=torch.float64), seed=5) if backend == "kernel" else "ones"
+    model = tiny_llama(dtype=torch.float64, init_b=0.05)
+    single = train_steps(model, AGLLoss(model, whole, AGLConfig(backend=backend, task_metric=H)), batches, 1, 0)
+    assert isinstance(whole, AlignmentState)
+    for step, (reg, grads) in enumerate(single):
+        for r in ranks["ranks"]:
+            reg_r, grads_r = r[backend][step]
+            torch.testing.assert_close(reg_r, reg, rtol=1e-12, atol=0, msg=f"step {step}")
+            assert grads_r.keys() == grads.keys()
+            for n, g in grads.items():
+                torch.testing.assert_close(grads_r[n], g, rtol=1e-10, atol=1e-14, msg=f"step {step} {n}")
+        assert reg > 0 and any(g.abs().sum() > 0 for g in grads.values())
+
+
+def _rows_concatenated(ranks, key):
+    names = ranks[0][key]["layers"]
+    return {n: torch.cat([r[key]["layers"][n][0] for r in ranks]) for n in names}
+
+
+@pytest.mark.slow
+def test_fisher_state_equals_single_process(ranks):
+    single, rs = ranks["single"], ranks["ranks"]
+    F = _rows_concatenated(rs, "estimate")
+    assert list(F) == list(single.layers)
+    for r in rs:
+        assert r["estimate"]["meta"][:2] == (single.num_samples, single.num_tokens) == (N_SAMPLES, r["estimate"]["meta"][1])
+        assert r["estimate"]["meta"][2] == pytest.approx(single.fisher_scale, rel=1e-12)
+    for name, ls in single.layers.items():
+        torch.testing.assert_close(F[name], ls.fisher, rtol=1e-10, atol=1e-13)
+        for r in rs:
+            _, U, V, S_out, S_in = r["estimate"]["layers"][name]
+            # same subspace (eigenvector signs may differ): compare projectors; U / V identical on both ranks
+            torch.testing.assert_close(U @ U.T, ls.U @ ls.U.T, rtol=0, atol=1e-8)
+            torch.testing.assert_close(V @ V.T, ls.V @ ls.V.T, rtol=0, atol=1e-8)
+            if S_out is not None:  # the layer's owner rank keeps the moments
+                torch.testing.assert_close(S_out, ls.S_out, rtol=1e-10, atol=1e-18)
+                torch.testing.assert_close(S_in, ls.S_in, rtol=1e-10, atol=1e-18)
+        assert torch.equal(rs[0]["estimate"]["layers"][name][1], rs[1]["estimate"]["layers"][name][1])
+        assert sum(r["estimate"]["layers"][name][3] is not None for r in rs) == 1  # one owner per layer
+    # each rank holds half of the Fisher (every layer here has an even number of rows)
+    whole_bytes = sum(ls.fisher.numel() * ls.fisher.element_size() for ls in single.layers.values())
+    for r in rs:
+        assert r["estimate"]["bytes"] == whole_bytes // 2
+
+
+@pytest.mark.slow
+def test_save_at_two_load_at_one_and_back(ranks):
+    from agl.sharded_state import ShardedAlignmentState
+    from agl.state import AlignmentState
+
+    rs = ranks["ranks"]
+    loaded = ShardedAlignmentState.load(str(ranks["dir"] / "saved_at_2"))  # one process: the whole state
+    assert isinstance(loaded, AlignmentState) and loaded.world_size == 1
+    F = _rows_concatenated(rs, "estimate")
+    for name, ls in loaded.layers.items():
+        assert torch.equal(ls.fisher, F[name])  # exactly the rows the two ranks held
+        assert torch.equal(ls.U, rs[0]["estimate"]["layers"][name][1])
+    assert (loaded.num_samples, loaded.num_tokens) == rs[0]["estimate"]["meta"][:2]
+    assert loaded.fisher_scale == rs[0]["estimate"]["meta"][2]
+    single = ranks["single"]
+    for key in ("loaded_dir", "loaded_file"):  # saved by one process, loaded at world size 2: each rank its rows
+        for k, r in enumerate(rs):
+            assert (r[key]["rank"], r[key]["world"]) == (k, 2)
+            for name, ls in single.layers.items():
+                r0, r1 = r[key]["rows"][name]
+                assert (r0, r1) == ((0, ls.shape[0] // 2) if k == 0 else (ls.shape[0] // 2, ls.shape[0]))
+                assert torch.equal(r[key]["layers"][name][0], ls.fisher[r0:r1])
+                assert torch.equal(r[key]["layers"][name][1], ls.U)

@@ -120,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 1 warm-up)")
     ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip", default="", help="comma list of configurations to leave out: torch, per-layer, null")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_loss.json"))
     args = ap.parse_args(argv)
@@ -128,6 +129,8 @@ def main(argv=None):
     from agl._provenance import provenance
     from agl.loss import AGLConfig, AGLLoss, resolve_backend
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build(args.layers)
     state = synthetic_state(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)

@@ -4,7 +4,8 @@ q/k/v/o (120 LoRA layers): plain LoRA vs + AGLLoss with
   - ``kernel``: the default, one grouped op call per step (agl_terms_grouped; U/V projections inside the op),
   - ``kernel per-layer``: the previous path, one agl_terms call and two projection matmuls per layer,
   - ``null op``: AGLLoss's host path with the do-nothing op of the same signature (the floor of the harness),
-  - ``torch``: the pure-PyTorch reference, layer by layer (--no-torch skips it).
+  - ``torch``: the pure-PyTorch reference, layer by layer.
+(--skip torch,per-layer,null leaves configurations out; the reference and the per-layer path are slow on a busy box.)
 Target: <= 10 % step overhead with the kernel on CPU.
 
     python bench/bench_loss.py [--batch 2 --seq 128 --steps 5 --layers 30]
@@ -122,13 +123,16 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 1 warm-up)")
     ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--no-torch", action="store_true", help="skip the (slow) pure-PyTorch reference configuration")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--skip", default="", help="comma list of configurations to leave out: torch, per-layer, null")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_loss.json"))
     args = ap.parse_args(argv)
     prov = provenance()  # at the start: the load the run began under
 
     from agl.loss import AGLConfig, AGLLoss, resolve_backend
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build(args.layers)
     state = synthetic_state(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -137,13 +141,18 @@ def main(argv=None):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     have_kernel = resolve_backend("auto", torch.device("cpu")) == "kernel"
     # name -> (backend, provider)
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - {"torch", "per-layer", "null"}:
+        ap.error(f"--skip: unknown configuration(s) {sorted(skip - {'torch', 'per-layer', 'null'})}")
     configs = {"plain LoRA": (None, None)}
-    if not args.no_torch:
+    if "torch" not in skip:
         configs["+AGLLoss torch"] = ("torch", None)
     if have_kernel:
         configs["+AGLLoss kernel"] = ("kernel", None)
-        configs["+AGLLoss kernel per-layer"] = ("kernel", "per-layer")
-        configs["+AGLLoss null op"] = ("kernel", "null")
+        if "per-layer" not in skip:
+            configs["+AGLLoss kernel per-layer"] = ("kernel", "per-layer")
+        if "null" not in skip:
+            configs["+AGLLoss null op"] = ("kernel", "null")
     losses = {name: (AGLLoss(model, state, AGLConfig(backend=be)) if be else None) for name, (be, _) in configs.items()}
 
     def step(L):

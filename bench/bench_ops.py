@@ -301,11 +301,19 @@ def main(argv=None):
                 elif device.type == "cpu":
                     mem[prov] = cpu_peaks(prov, shape, dname, threads)
                 else:
-                    mem[prov] = {md: cuda_peak(prov, inputs, md, device) for md in modes}
+                    try:
+                        mem[prov] = {md: cuda_peak(prov, inputs, md, device) for md in modes}
+                    except Exception as exc:  # a provider that fails (e.g. a path not yet run on this device)
+                        print(f"  [memory] {prov} {shape} {dname}: failed ({exc})", file=sys.stderr)
+                        mem[prov] = {}
             for mode in modes:
                 group = {}
                 for prov in providers:
-                    med, p20, p80 = time_provider(prov, inputs, mode, device, reps, warmup)
+                    try:
+                        med, p20, p80 = time_provider(prov, inputs, mode, device, reps, warmup)
+                    except Exception as exc:  # one failing provider must not cost the others' rows
+                        print(f"  {shape:>14} {dname:>8} {mode:>8} {prov:>8}: failed ({exc})", file=sys.stderr)
+                        continue
                     group[prov] = dict(device=name, device_type=device.type, threads=threads,
                                        torch=torch.__version__, shape=shape, dtype=dname, mode=mode, provider=prov,
                                        median_ms=round(med, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),

@@ -32,8 +32,7 @@ def main() -> None:
 
     from _tiny import train_trace
 
-    from agl._io import atomic_write_json
-    from agl._provenance import provenance
+    from _results import append_rows, provenance  # bench/_results.py: the one writer of result rows
     from agl.loss import AGLConfig
 
     torch.set_num_threads(1)
@@ -43,7 +42,8 @@ def main() -> None:
         for lam0 in (1e-3, 1.0, 1e3):
             runs[f"H={horizon:g} lambda0={lam0:g}"] = AGLConfig(backend="torch", lambda_align=lam0, lambda_task=0.0,
                                                                lambda_collision=0.0, align_budget=eps, budget_horizon=horizon)
-    result = {"budget": eps, "steps": args.steps, "lr": args.lr, "runs": {}, "provenance": provenance()}
+    prov = provenance()  # at the start: the load the run began under
+    result = {"bench": "budget_controller", "budget": eps, "steps": args.steps, "lr": args.lr, "runs": {}}
     for name, cfg in tqdm(runs.items(), desc="budget runs"):
         t = train_trace(cfg, args.steps, args.lr)
         a = [x for x, _ in t]
@@ -52,7 +52,7 @@ def main() -> None:
             "max_over_budget": max(a) / eps, "last20_mean_over_budget": sum(a[-20:]) / 20 / eps, "final_over_budget": a[-1] / eps,
         }
         print(f"{name:<22} max {max(a) / eps:5.2f}ε  last-20 mean {sum(a[-20:]) / 20 / eps:5.2f}ε  final {a[-1] / eps:5.2f}ε", flush=True)
-    atomic_write_json(args.out + ".json", result)
+    append_rows(args.out + ".json", [result], prov, key=("bench", "budget", "steps", "lr"))
 
     import matplotlib
 

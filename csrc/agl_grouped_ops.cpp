@@ -108,7 +108,13 @@ Grouped prepare_grouped(TensorList Bs, TensorList As, const OptList& B_aligns, c
     TORCH_CHECK_VALUE(p.B.device() == Bs[0].device(), "agl: `", nm.B, "` is on ", p.B.device(), " but `Bs[0]` is on ",
                       Bs[0].device(), "; all layers must share a device");
     if (p.factor == at::kDouble) g.out = at::kDouble;
-    if (!g.project) continue;
+    if (!g.project) {
+      if (p.Ba.defined() && p.ra == 0) {  // an (m, 0) x (0, n) pair is no pair (D_A = 0): kernels see it as absent
+        p.Ba = Tensor();
+        p.Aa = Tensor();
+      }
+      continue;
+    }
     const std::string iu = "Us[" + std::to_string(l) + "]", iv = "Vs[" + std::to_string(l) + "]";
     const std::pair<optional<Tensor>, std::pair<const std::string*, int64_t>> proj[] = {
         {entry(Us, l), {&iu, p.m}}, {entry(Vs, l), {&iv, p.n}}};

@@ -68,7 +68,7 @@ def run_grouped(layers, backend="kernel", project=None, weights=None):
     T = agl_terms_grouped([f["B"] for f in fac], [f["A"] for f in fac], backend=backend, **kw)
     W = weights_for(len(layers)) if weights is None else weights
     flat = [t for f in fac for t in f.values() if t is not None]
-    grads = torch.autograd.grad((T * W.to(T.dtype)).sum(), flat)
+    grads = torch.autograd.grad((T * W.to(T)).sum(), flat)
     return T.detach(), list(grads)
 
 
@@ -80,7 +80,7 @@ def run_per_layer(layers, weights=None):
         fs = [None if x[k] is None else x[k].detach().clone().requires_grad_() for k in ("B", "A", "Ba", "Aa")]
         t = torch.stack(list(agl_terms(*fs, fisher=x["F"], task_metric=x["H"], scale=s, backend="kernel")))
         rows.append(t.detach())
-        grads += torch.autograd.grad((t * W[l].to(t.dtype)).sum(), [f for f in fs if f is not None])
+        grads += torch.autograd.grad((t * W[l].to(t)).sum(), [f for f in fs if f is not None])
     return rows, grads
 
 
@@ -132,8 +132,8 @@ def _proj(layers, seed=3, none_every=3):
     Us, Vs = [], []
     for l, x in enumerate(layers):
         (m, r), n = x["B"].shape, x["A"].shape[1]
-        U = torch.linalg.qr(torch.randn(m, min(m, 3), generator=g, dtype=F64))[0].to(x["B"].dtype)
-        V = torch.linalg.qr(torch.randn(n, min(n, 4), generator=g, dtype=F64))[0].to(x["B"].dtype)
+        U = torch.linalg.qr(torch.randn(m, min(m, 3), generator=g, dtype=F64))[0].to(x["B"])
+        V = torch.linalg.qr(torch.randn(n, min(n, 4), generator=g, dtype=F64))[0].to(x["B"])
         Us.append(None if l % none_every == 1 else U)
         Vs.append(None if l % none_every == 2 else V)
     return Us, Vs
@@ -402,6 +402,43 @@ def test_cuda_grouped_switch_without_override():
         assert ops.set_cuda_grouped(False) is False and ops.cuda_grouped_status()["enabled"] is False
     finally:
         ops.set_cuda_grouped(before)
+
+
+# ---- CUDA (skipped without a GPU) ----
+def _cuda(layers):
+    return [{k: (None if v is None else v.cuda()) for k, v in x.items()} for x in layers]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ops.with_cuda(), reason="agl was built without its CUDA kernels")
+@pytest.mark.parametrize("override", [False, True], ids=["per-layer-loop", "single-launch"])
+def test_cuda_grouped_matches_per_layer_calls(override):
+    """Default path (a loop over the verified per-layer kernels): bitwise equal to per-layer calls. The opt-in
+    single-launch implementation, when this build has one: within float32 tolerances of the float64 reference."""
+    st = ops.cuda_grouped_status()
+    if override and st["implementation"] is None:
+        pytest.skip("this build has no single-launch CUDA grouped implementation")
+    specs = LAYERS + [BIG, (9, 23, 2, 2, F64, True, True)]
+    layers = _cuda(make_layers(specs))
+    try:
+        ops.set_cuda_grouped(override)
+        T, gg = run_grouped(layers)
+        Tp, gp = run_grouped(layers, project=_proj(layers))
+    finally:
+        ops.set_cuda_grouped(st["enabled"])
+    assert T.is_cuda and T.dtype == F64
+    if not override:
+        rows, grads = run_per_layer(layers)
+        for l, row in enumerate(rows):
+            assert torch.equal(T[l], row.to(T.dtype)), l
+        for a, b in zip(gg, grads):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    layers64 = _cuda(make_layers(specs, dtype=F64))
+    for (kt, kg), p in (((T, gg), None), ((Tp, gp), _proj(layers64))):
+        rt, rg = run_grouped(layers64, "torch", p)
+        low = torch.tensor([s[4] in (BF16, F16) for s in specs], device=T.device)
+        torch.testing.assert_close(kt[~low], rt[~low], rtol=2e-5, atol=1e-9)
+        assert torch.isfinite(kt).all() and all(torch.isfinite(g).all() for g in kg)
 
 
 # ---- AGLLoss on the grouped op ----

@@ -54,7 +54,8 @@ def test_tables_follow_the_json(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "bench" / "results", results)
     path = results / "bench_loss.json"
     rows = json.loads(path.read_text())
-    newest = max(range(len(rows)), key=lambda i: rows[i]["provenance"]["date"])
+    shown = [i for i, r in enumerate(rows) if r.get("threads") == 2]  # the rows the agl-loss table reports from
+    newest = max(shown, key=lambda i: rows[i]["provenance"]["date"])
     rows[newest]["results"]["plain LoRA"]["median_step_s"] = 9.87
     path.write_text(json.dumps(rows))
     monkeypatch.setattr(render_readme, "BENCH", results)

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+from agl._io import atomic_write_json
 from agl.experiment.config import stable_hash
 
-__all__ = ["Stage", "StageResult", "atomic_write_text", "atomic_write_json", "file_sha256", "check_artefact"]
+__all__ = ["Stage", "StageResult", "file_sha256", "check_artefact"]
 
 MANIFEST = "manifest.json"
 
@@ -34,37 +35,6 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    return str(o)
 
 
 def _list_files(root: str) -> List[str]:

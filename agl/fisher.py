@@ -9,7 +9,9 @@ chunks so memory stays bounded. We accumulate
     F = mean_i G_i * G_i        S_out = mean_i G_i G_i^T  (m x m)        S_in = mean_i G_i^T G_i  (n x n)
 
 then U / V = top eigenvectors (float64 ``eigh``) of S_out / S_in, the fewest reaching ``energy`` of the trace, capped
-at ``max_rank``, and finally divide every layer's F by the mean of F over all layers (global mean 1).
+at ``max_rank``, and finally divide every layer's F by the mean of F over all layers (global mean 1; the divisor is
+``state.fisher_scale``). The labelled tokens are counted too (``state.num_tokens``): F · fisher_scale / (tokens per
+sample) is the Fisher of the token-averaged loss, the unit ``AGLLoss`` reports nats in (``state.nats_scale``).
 
 No ``W0.grad`` is computed: all parameters are frozen during estimation and the hooks make each target's output a
 differentiable leaf when nothing upstream requires grad. Under ``torch.distributed`` (DDP, gloo or nccl), samples are
@@ -49,6 +51,11 @@ def per_sample_losses(logits: Tensor, labels: Tensor) -> Tensor:
     target = labels[:, 1:].to(logits.device)
     ce = Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none")
     return ce.view(target.shape).sum(dim=1)
+
+
+def _labelled_tokens(labels: Tensor) -> int:
+    """Tokens that carry a loss in :func:`per_sample_losses` (targets ``labels[:, 1:]`` that are not -100)."""
+    return int((labels[:, 1:] != -100).sum())
 
 
 def _sample_true_labels(logits: Tensor, labels: Tensor, sample_ids: Sequence[int], seed: int) -> Tensor:
@@ -215,6 +222,7 @@ def _finish(
     dtype: torch.dtype,
     options: dict,
     dist=None,
+    tokens: int = 0,
 ) -> AlignmentState:
     if count == 0:
         raise ValueError("agl: no samples reached the Fisher estimate (empty data, or max_samples=0)")
@@ -243,7 +251,7 @@ def _finish(
         if not keep_moments:
             S_out = S_in = None
         layers[name] = LayerState(F, U, V, S_out, S_in)
-    return AlignmentState(layers, count, raw_mean, options)
+    return AlignmentState(layers, count, raw_mean, options, int(tokens))
 
 
 def _top_eigvecs(S: Tensor, energy: float, max_rank: int) -> Optional[Tensor]:
@@ -332,7 +340,7 @@ def estimate_alignment_state(
         acc.add_from_activations(grad.detach(), X, fifo, chunk_elems)
 
     handles = [mod.register_forward_hook(functools.partial(fwd_hook, accs[name], fifo)) for name, (mod, fifo, _) in targets.items()]
-    count = 0
+    count = tokens = 0
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -357,15 +365,16 @@ def estimate_alignment_state(
                 if loss.requires_grad:
                     loss.backward()
                 count += len(ids)
+                tokens += _labelled_tokens(labels)
     finally:
         for h in handles:
             h.remove()
         if bar is not None:
             bar.close()
     if dist is not None:
-        count_t = torch.tensor([float(count)], dtype=torch.float64, device=device)
+        count_t = torch.tensor([float(count), float(tokens)], dtype=torch.float64, device=device)
         dist.all_reduce(count_t)
-        count = int(round(count_t.item()))
+        count, tokens = (int(round(v)) for v in count_t.tolist())
         for a in accs.values():
             for t in (a.F, a.S_out, a.S_in):
                 if t is not None:
@@ -375,7 +384,7 @@ def estimate_alignment_state(
         "modules": list(targets), "subspaces": bool(subspaces), "seed": int(seed), "world_size": int(world),
     }
     return _finish(accs, count, energy=energy, max_rank=max_rank, subspaces=subspaces, keep_moments=keep_moments,
-                   dtype=dtype, options=options, dist=dist)
+                   dtype=dtype, options=options, dist=dist, tokens=tokens)
 
 
 def estimate_alignment_state_loop(
@@ -400,7 +409,7 @@ def estimate_alignment_state_loop(
     device = _model_device(net)
     cdtype = _compute_dtype(net)
     accs = {name: _Accumulator(tuple(mod.weight.shape), device, subspaces, cdtype) for name, (mod, _, _) in targets.items()}
-    count = 0
+    count = tokens = 0
     with _Frozen(net), torch.enable_grad():
         for mod, _, _ in targets.values():
             mod.weight.requires_grad_(True)
@@ -410,8 +419,10 @@ def estimate_alignment_state_loop(
                 for mod, _, _ in targets.values():
                     mod.weight.grad = None
                 logits = _forward_logits(net, one, device)
-                loss = per_sample_losses(logits, _labels_of(one).to(device)).sum()
+                labels = _labels_of(one).to(device)
+                loss = per_sample_losses(logits, labels).sum()
                 loss.backward()
+                tokens += _labelled_tokens(labels)
                 for name, (mod, _, _) in targets.items():
                     g = mod.weight.grad
                     g = torch.zeros_like(mod.weight) if g is None else g
@@ -422,4 +433,4 @@ def estimate_alignment_state_loop(
     options = {"fisher": "empirical", "energy": float(energy), "max_rank": int(max_rank), "max_samples": max_samples,
                "modules": list(targets), "subspaces": bool(subspaces), "method": "loop"}
     return _finish(accs, count, energy=energy, max_rank=max_rank, subspaces=subspaces, keep_moments=keep_moments,
-                   dtype=dtype, options=options)
+                   dtype=dtype, options=options, tokens=tokens)

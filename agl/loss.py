@@ -11,12 +11,16 @@ Hugging Face ``Trainer`` / TRL::
 
     Trainer(model=model, ..., compute_loss_func=agl_loss.trainer_loss, callbacks=[AGLLoggingCallback(agl_loss)])
 
-Per step, for every LoRA layer and active adapter (factors B: m x r, A: r x n, ``scaling`` s, state F, U, V)::
+Per step, for every LoRA layer and active adapter l (factors B: m x r, A: r x n, ``scaling`` s, state F, U, V)::
 
-    B_align = U (U^T B),  A_align = (A V) V^T        (B_align = B when U is None, A_align = A when V is None)
-    align, task, overlap, geodesic = agl_terms(B, A, B_align, A_align, fisher=F, task_metric=H, scale=s, ...)
-    total = task_loss + lambda_align * mean(align) + lambda_task * mean(task)
-            + lambda_collision * mean(alpha * overlap + (1 - alpha) * geodesic)
+    B_align = U (U^T B),  A_align = (A V) V^T        (= B, A when U / V is None or config.subspaces is False)
+    T[l] = agl_terms(B, A, B_align, A_align, fisher=F, task_metric=H, scale=s, ...)   # (align, task, overlap, geodesic)
+    align, task, overlap, geodesic = the terms in config.units, from T (L x 4) and N_l = m·n (AGLConfig, docs/MATH.md)
+    total = task_loss + lambda_align * align + lambda_task * task
+            + lambda_collision * (alpha * overlap + (1 - alpha) * geodesic)
+
+In the default ``units="nats"`` ``align`` is ``align_nats`` = ½·Σ_l Σ_ij F (ΔW_A)², the second-order prediction of the
+rise of the alignment loss in nats per token; with ``AGLConfig(align_budget=ε)`` λ_A adapts to keep it at or below ε.
 
 ``fan_in_fan_out`` layers (weight stored (in, out)) use the transposed factors (A^T, B^T), so every term is taken in
 the base weight's own orientation, the one the state uses. Nothing of size m x n is materialised with the kernel
@@ -52,48 +56,86 @@ def resolve_backend(backend: str, device) -> str:
         return "torch"
 
 
+_UNITS = ("nats", "paper")
+# every default weight, per unit system (AGLConfig resolves None to these); docs/MATH.md "Units" says what they mean
+_DEFAULT_WEIGHTS = {
+    "nats": {"lambda_align": 1.0, "lambda_task": 1.0, "lambda_collision": 1.0},
+    "paper": {"lambda_align": 1e5, "lambda_task": 1e4, "lambda_collision": 1.0},
+}
+_LAMBDA_RANGE = 1e6  # budget mode: λ_align stays within [λ0 / R, λ0 · R] of its initial value λ0
+
+
+def _finite(name: str, v, *, positive: bool = False, allow_negative: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"AGLConfig: `{name}` must be a finite number, got {v!r}")
+    if positive and not v > 0:
+        raise ValueError(f"AGLConfig: `{name}` must be > 0, got {v}")
+    if not allow_negative and v < 0:
+        raise ValueError(f"AGLConfig: `{name}` must be >= 0, got {v}")
+    return float(v)
+
+
 @dataclass
 class AGLConfig:
-    """Hyper-parameters of :class:`AGLLoss`.
+    """Hyper-parameters of :class:`AGLLoss`: the one home of every AGL weight and its default.
 
-    - ``lambda_align`` (λ_A), ``lambda_task`` (λ_T), ``lambda_collision`` (λ_NC): weights of mean-over-layers
-      ``align``, ``task`` and ``alpha * overlap + (1 - alpha) * geodesic``.
-    - ``alpha``: mix of the two collision terms; ``beta``, ``tau``, ``sharpness``, ``eps``: see ``agl.reference``.
+    The regulariser is ``λ_A·align + λ_T·task + λ_NC·(α·overlap + (1 − α)·geodesic)``, each term a sum over the
+    adapted layers of one per-layer quantity, in the unit ``units`` gives it (docs/MATH.md, "Units"):
+
+    ==========  ===============================================  ===================================================
+    term        ``units="nats"`` (default)                         ``units="paper"`` (the raw form, old defaults)
+    ==========  ===============================================  ===================================================
+    align       ½·c·Σ_l Σ_ij F̃ (ΔW_A)²: predicted rise of the     mean_l mean_ij F̃ (ΔW_A)²  (F̃: Fisher, mean 1)
+                alignment loss, nats per token (``align_nats``)
+    task        with a task Fisher H: ½·c_H·Σ H̃ ΔW_T² (nats of   mean_l mean_ij H̃ ΔW_T²  (H̃ = 1 without a task
+                task loss); else Σ_l ‖ΔW_T‖² / Σ_l ‖W0‖²          Fisher)
+                (relative size, no unit)
+    overlap     ½·c·Σ_l Σ_ij η |ΔW_A| |ΔW_T|: nats at the          mean_l mean_ij η |ΔW_A| |ΔW_T|
+                alignment Fisher's mean curvature
+    geodesic    Σ_l cos²_F(ΔW_A, ΔW_T) · align_nats_l: the nats    mean_l cos²_F(ΔW_A, ΔW_T)
+                of ΔW_A that lie along ΔW_T
+    ==========  ===============================================  ===================================================
+
+    c = ``state.nats_scale`` (the un-normalised Fisher of the token-averaged alignment loss per unit of F̃), so in
+    nats λ_A = 1 means "one nat (per token) of predicted alignment loss costs one nat of task loss".
+
+    Fields:
+
+    - ``lambda_align``, ``lambda_task``, ``lambda_collision`` (λ_A, λ_T, λ_NC): None = the default of ``units``
+      (nats: 1, 1, 1; paper: 1e5, 1e4, 1). ``dataclasses.replace`` keeps resolved values: changing ``units`` that way
+      keeps the old numbers, so set the weights too (or build a new config).
+    - ``units``: ``"nats"`` or ``"paper"`` (means over elements and layers with the mean-normalised Fisher, exactly
+      the regulariser of agl ≤ the 3-seed run).
+    - ``alpha``: mix of the two collision terms; ``beta``, ``tau``, ``sharpness``, ``eps``: see ``agl.reference``
+      (``tau`` is an absolute threshold on |ΔW|, the one setting here that is not unit-free).
+    - ``subspaces``: False takes the whole update as the alignment part (U = V = None: ΔW_A = ΔW, ΔW_T = 0), so
+      task, overlap and geodesic vanish and the regulariser is the EWC penalty λ_A·½·c·Σ F̃ ΔW²
+      (:meth:`ewc` builds that config).
+    - ``align_budget``: None (fixed λ_A), or ε > 0 in nats per token: λ_A then adapts every training step to keep
+      ``align_nats`` at or below ε (dual ascent in log space, starting from ``lambda_align``):
+      ``log λ ← log λ + budget_lr · min(align_nats/ε − 1, 1)``, λ kept within [λ0/1e6, λ0·1e6].
+      The update runs in each ``regularizer()`` call made with gradients enabled, i.e. once per micro-batch.
+    - ``budget_lr``: the dual step size η of that update (unit-free, default 0.1: at most ×e^0.1 per step upward,
+      at most ÷e^0.1 downward, so λ can move 1e4-fold in ~90 steps).
     - ``task_metric``: ``"ones"`` (H = 1) or an :class:`AlignmentState` of the task data (a task Fisher, H = its F).
     - ``layers``: restrict to some LoRA layers (regex, collection of names, or callable ``name -> bool``).
     - ``backend``: ``"auto"`` (the fused kernel when built for the device, else the reference), ``"kernel"``, ``"torch"``.
     - ``per_layer_terms``: also record per-layer values in ``last_terms["layers"]`` (one host sync per step).
 
-    How the defaults were chosen (``bench/lambda_scale.py`` reproduces it; numbers in bench/results/lambda_scale.json).
-    ``align``, ``task`` and ``overlap`` are means over the m x n entries of quadratic forms in ΔW = s·B·A (F has
-    mean 1), so they scale as |ΔW|² and are tiny in absolute terms; ``geodesic`` is a squared cosine in [0, 1].
-    We ran plain LoRA (r = 8, alpha = 16, q/k/v/o, AdamW) and read the raw terms along the way:
-
-    ===========================================  ==========  =========  =========  =========  =========
-    run (state from its own model)               task loss   align      task       overlap    geodesic
-    ===========================================  ==========  =========  =========  =========  =========
-    SmolLM2-135M-Instruct (real weights),        0.04–0.20   0.4–1.2e-5 1.4–4.3e-6 0.6–1.9e-7 0.13
-    refusal-pair state, arithmetic task,
-    10–30 steps at lr 2e-3 (≈ 100–300 at 2e-4)
-    SmolLM2-shaped, random weights, 20–30 steps  8.8–9.3    1.4–3.7e-8 0.9–2.5e-5 1.3–4.7e-6 2e-5
-    at lr 2e-3, random tokens
-    tiny test Llama (hidden 64), 150 steps at    4.7        4.9e-6     5.0e-5     4.6e-5     1e-3
-    lr 2e-4, random tokens
-    ===========================================  ==========  =========  =========  =========  =========
-
-    The real aligned model is the typical case: its fine-tuning update falls largely inside the alignment
-    subspaces (align > task), which random-weight models do not show. λ_A = 1e5 puts the alignment term at 0.4–1.2
-    there, the order of a fine-tuning task loss (0.1–2 nats); λ_T = 1e4 keeps the task-subspace pull ~10x weaker
-    (it must stay free to learn; 0.01–0.25 across the runs); λ_NC = 1 with alpha = 0.5 makes the collision term
-    ~0.07 on the real model, carried by the geodesic part (the overlap part is |ΔW|²-sized and only matters with
-    alpha near 1 or a large λ_NC). Every term is 0 at peft's B = 0 init and grows as |ΔW|² (geodesic excepted),
-    so the regularisers start at 0 and reach these levels after ~100 steps. Retune λ_A first: raise it when
-    alignment drifts, lower it when the task loss stalls; ``last_terms`` shows each contribution.
+    The nats defaults (λ = 1 each) are the unit-free starting point the units were designed for: one nat of
+    predicted alignment loss, or of collision between the two parts of the update, costs one nat of task loss;
+    the task term's 1 prices a 100% relative change of the weights at one nat. The experiment
+    (``agl experiment``) sweeps them on calibration/dev data and the README reports what it finds.
+    The paper-unit defaults were measured with ``bench/lambda_scale.py`` (bench/results/lambda_scale.json): on the
+    real SmolLM2-135M-Instruct with a refusal-pair state, plain LoRA puts the mean align term at 0.4–1.2e-5, task
+    1.4–4.3e-6, overlap 0.6–1.9e-7, geodesic 0.13 after 100–300 steps at lr 2e-4; λ_A = 1e5 makes the alignment
+    term the order of a task loss there, and the task and collision weights turned out too small to matter
+    (docs/results/2026-11-28-cpu-3seed) — the reason the nats units exist.
     """
 
-    lambda_align: float = 1e5
-    lambda_task: float = 1e4
-    lambda_collision: float = 1.0
+    lambda_align: Optional[float] = None
+    lambda_task: Optional[float] = None
+    lambda_collision: Optional[float] = None
     alpha: float = 0.5
     beta: float = 4.0
     tau: float = 0.01
@@ -103,18 +145,41 @@ class AGLConfig:
     layers: LayerFilter = None
     backend: str = "auto"
     per_layer_terms: bool = False
+    units: str = "nats"
+    subspaces: bool = True
+    align_budget: Optional[float] = None
+    budget_lr: float = 0.1
+
+    @classmethod
+    def ewc(cls, lambda_align: Optional[float] = None, **kw) -> "AGLConfig":
+        """The EWC baseline as a config: the Fisher penalty on the whole update, no subspaces, no other term.
+        In nats it is λ·½·c·Σ_l Σ_ij F̃ ΔW² (the predicted rise of the alignment loss); with ``units="paper"``
+        λ·mean_l mean_ij F̃ ΔW² (the experiment's old ``EWCPenalty``). Other fields pass through (``backend``,
+        ``units``, ``align_budget``, ...)."""
+        for k in ("subspaces", "lambda_task", "lambda_collision"):
+            if k in kw:
+                raise ValueError(f"AGLConfig.ewc: `{k}` is fixed by the EWC form (subspaces=False, other terms 0)")
+        return cls(lambda_align=lambda_align, lambda_task=0.0, lambda_collision=0.0, subspaces=False, **kw)
 
     def __post_init__(self):
+        if self.units not in _UNITS:
+            raise ValueError(f"AGLConfig: `units` must be one of {_UNITS}, got {self.units!r}")
+        for name, default in _DEFAULT_WEIGHTS[self.units].items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         for name in ("lambda_align", "lambda_task", "lambda_collision", "beta", "tau", "sharpness", "eps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"AGLConfig: `{name}` must be a finite number, got {v!r}")
-            if v < 0 and name != "tau":
-                raise ValueError(f"AGLConfig: `{name}` must be >= 0, got {v}")
-            setattr(self, name, float(v))
+            setattr(self, name, _finite(name, getattr(self, name), allow_negative=name == "tau"))
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"AGLConfig: `alpha` must be in [0, 1], got {self.alpha!r}")
         self.alpha = float(self.alpha)
+        if not isinstance(self.subspaces, bool):
+            raise ValueError(f"AGLConfig: `subspaces` must be True or False, got {self.subspaces!r}")
+        if self.align_budget is not None:
+            self.align_budget = _finite("align_budget", self.align_budget, positive=True)
+            if not self.lambda_align > 0:
+                raise ValueError("AGLConfig: `align_budget` needs `lambda_align` > 0 (the multiplier's starting "
+                                 f"value; dual ascent in log space cannot start from 0), got {self.lambda_align}")
+        self.budget_lr = _finite("budget_lr", self.budget_lr, positive=True)
         if self.backend not in ("auto", "kernel", "torch"):
             raise ValueError(f"AGLConfig: `backend` must be 'auto', 'kernel' or 'torch', got {self.backend!r}")
         if not (isinstance(self.task_metric, str) and self.task_metric == "ones") and not isinstance(self.task_metric, AlignmentState):
@@ -140,13 +205,31 @@ class _Entry:
     scaling: float
     cache: Dict[Tuple, Tuple] = field(default_factory=dict)
 
+    @property
+    def key(self) -> str:
+        """The name ``last_terms["layers"]`` uses: the layer's, with ``[adapter]`` when it has several."""
+        return self.name if len(self.binding.adapters) == 1 else f"{self.name}[{self.adapter}]"
+
+    @property
+    def numel(self) -> int:
+        """N_l = m·n, the elements of the base weight (the per-layer terms are means over them)."""
+        m, n = self.binding.shape
+        return int(m) * int(n)
+
+
+def _base_weight_sq_norm(binding: LoraBinding) -> float:
+    """‖W0‖²_F of the layer's frozen base weight (float64 sum)."""
+    w = binding.module.get_base_layer().weight
+    return float(w.detach().to(torch.float64).square().sum())
+
 
 class AGLLoss:
     """Task loss + AGL regularisers over every active peft LoRA adapter of ``model``; see the module docstring.
 
     ``state``: the :class:`AlignmentState` of the aligned model (checked against the model here: every mismatch is
     reported in one ``ValueError``). Merged adapters, a model without LoRA layers and sharded (FSDP / ZeRO-3)
-    parameters raise clear errors. Under DDP the value is identical on every rank (same parameters, same state).
+    parameters raise clear errors. Under DDP the value is identical on every rank (same parameters, same state,
+    and so the same budget multiplier).
     """
 
     def __init__(self, model: nn.Module, state: AlignmentState, config: Optional[AGLConfig] = None):
@@ -159,14 +242,28 @@ class AGLLoss:
         self.state = state
         bindings = find_lora_layers(model, self.config.layers)
         state.check(model, self.config.layers)
-        if isinstance(self.config.task_metric, AlignmentState):
+        task_state = self.config.task_metric if isinstance(self.config.task_metric, AlignmentState) else None
+        if task_state is not None:
             try:
-                self.config.task_metric.check(model, self.config.layers)
+                task_state.check(model, self.config.layers)
             except ValueError as exc:
                 raise ValueError(f"AGLLoss: the task metric (task Fisher) state does not match the model: {exc}") from None
         self.entries: List[_Entry] = [
             _Entry(b.name, a.adapter, b, a.A, a.B, a.scaling) for b in bindings for a in b.adapters
         ]
+        # unit conversions (docs/MATH.md, "Units"): nats per unit of Σ F̃ ΔW² for the alignment and the task Fisher,
+        # and Σ_l ‖W0_l‖² for the relative size of the task part when there is no task Fisher
+        self._numel = torch.tensor([e.numel for e in self.entries], dtype=torch.float64)
+        self._nats_align = float(state.nats_scale)
+        self._nats_task = None if task_state is None else float(task_state.nats_scale)
+        self._w0_sq = None
+        if task_state is None and self.config.units == "nats":
+            self._w0_sq = sum(_base_weight_sq_norm(e.binding) for e in self.entries)
+            if not self._w0_sq > 0:
+                raise ValueError("AGLLoss: the adapted base weights are all zero, so the task term's relative size "
+                                 "‖ΔW_T‖²/‖W0‖² is undefined; give a task Fisher (`task_metric`) or units='paper'")
+        # the multiplier in force (a tensor, so the budget update never syncs with the host)
+        self._lambda_align: Optional[Tensor] = None
         self._last: Dict[str, Tensor] = {}
         self._last_layers: Dict[str, Dict[str, Tensor]] = {}
         self._running: Dict[str, Tensor] = {}
@@ -182,7 +279,8 @@ class AGLLoss:
             H = None
             if isinstance(self.config.task_metric, AlignmentState):
                 H = conv(self.config.task_metric.layers[e.name].fisher)
-            hit = (conv(ls.fisher), H, conv(ls.U), conv(ls.V))
+            U, V = (conv(ls.U), conv(ls.V)) if self.config.subspaces else (None, None)
+            hit = (conv(ls.fisher), H, U, V)
             e.cache.clear()
             e.cache[key] = hit
         return hit
@@ -197,29 +295,96 @@ class AGLLoss:
         return agl_terms(L, R, L_al, R_al, fisher=F, task_metric=H, scale=e.scaling, beta=c.beta, tau=c.tau,
                          sharpness=c.sharpness, eps=c.eps, backend=backend)
 
+    def _term_matrix(self, backend: str) -> Tensor:
+        """(L, 4) tensor, one row per entry: ``align, task, overlap, geodesic`` exactly as ``agl_terms`` returns
+        them (per-element means; geodesic a squared cosine), float32 (float64 for float64 factors), differentiable."""
+        rows = []
+        for e in self.entries:
+            t = torch.stack(list(self._layer_terms(e, backend)))
+            rows.append(t if t.dtype == torch.float64 else t.float())
+        return torch.stack(rows)
+
     # ------------------------------------------------------------------ the loss
+    @property
+    def lambda_align(self) -> float:
+        """λ_A in force: ``config.lambda_align``, or the budget controller's current multiplier."""
+        return float(self._lambda_align) if self._lambda_align is not None else self.config.lambda_align
+
+    @lambda_align.setter
+    def lambda_align(self, value: float) -> None:  # e.g. to resume a budget run from a checkpoint
+        self._lambda_align = torch.tensor(_finite("lambda_align", value, positive=self.config.align_budget is not None),
+                                          dtype=torch.float64)
+
+    def unit_terms(self, T: Tensor) -> Dict[str, Tensor]:
+        """The four terms in ``config.units`` (see :class:`AGLConfig`) and ``align_nats``, from the (L, 4) matrix of
+        per-layer means ``T``: per-layer sums are ``T · N_l`` (N_l = m·n), nats are ½·c·sums (c = ``nats_scale``).
+
+        ``units="nats"``: align = ½cΣ_l N_l T_l0 (= align_nats); task = ½c_H Σ_l N_l T_l1 with a task Fisher, else
+        Σ_l N_l T_l1 / Σ_l ‖W0_l‖²; overlap = ½cΣ_l N_l T_l2; geodesic = Σ_l T_l3 · ½cN_l T_l0.
+        ``units="paper"``: the column means over layers."""
+        N = self._numel.to(device=T.device, dtype=T.dtype)
+        sums = T * N[:, None]
+        align_l = 0.5 * self._nats_align * sums[:, 0]
+        out = {"align_nats": align_l.sum()}
+        if self.config.units == "paper":
+            means = T.mean(0)
+            out.update(zip(_TERMS, means.unbind()))
+            return out
+        task = sums[:, 1].sum()
+        task = 0.5 * self._nats_task * task if self._nats_task is not None else task / self._w0_sq
+        out.update(align=out["align_nats"], task=task, overlap=0.5 * self._nats_align * sums[:, 2].sum(),
+                   geodesic=(align_l * T[:, 3]).sum())
+        return out
+
     def regularizer(self) -> Tensor:
-        """λ-weighted sum of the mean-over-layers terms (a 0-dim tensor, differentiable w.r.t. every LoRA factor).
-        Also records ``last_terms``."""
+        """λ-weighted sum of the terms in ``config.units`` (a 0-dim tensor, differentiable w.r.t. every LoRA factor).
+        Records ``last_terms``; in budget mode (``config.align_budget``), with gradients enabled, also takes one
+        dual-ascent step on λ_A for the next call (this call uses the λ_A in force before it)."""
         c = self.config
         backend = resolve_backend(c.backend, self.entries[0].B.device)
-        sums = {k: None for k in _TERMS}
-        per_layer = {}
-        for e in self.entries:
-            t = self._layer_terms(e, backend)
-            for k, v in zip(_TERMS, t):
-                v = v if v.dtype == torch.float64 else v.float()
-                sums[k] = v if sums[k] is None else sums[k] + v
-            if c.per_layer_terms:
-                key = e.name if len(e.binding.adapters) == 1 else f"{e.name}[{e.adapter}]"
-                per_layer[key] = {k: v.detach() for k, v in zip(_TERMS, t)}
-        n = len(self.entries)
-        means = {k: v / n for k, v in sums.items()}
-        collision = c.alpha * means["overlap"] + (1.0 - c.alpha) * means["geodesic"]
-        reg = c.lambda_align * means["align"] + c.lambda_task * means["task"] + c.lambda_collision * collision
-        self._last = {**{k: v.detach() for k, v in means.items()}, "collision": collision.detach(), "regularizer": reg.detach()}
-        self._last_layers = per_layer
+        T = self._term_matrix(backend)
+        u = self.unit_terms(T)
+        lam_a = self._lambda_align_tensor(T)
+        parts = {
+            "align": lam_a * u["align"],
+            "task": c.lambda_task * u["task"],
+            "overlap": c.lambda_collision * c.alpha * u["overlap"],
+            "geodesic": c.lambda_collision * (1.0 - c.alpha) * u["geodesic"],
+        }
+        reg = parts["align"] + parts["task"] + parts["overlap"] + parts["geodesic"]
+        collision = c.alpha * u["overlap"] + (1.0 - c.alpha) * u["geodesic"]
+        with torch.no_grad():
+            denom = reg.detach()
+            shares = {f"share_{k}": torch.where(denom > 0, v.detach() / denom, torch.zeros_like(denom))
+                      for k, v in parts.items()}
+        self._last = {**{k: u[k].detach() for k in _TERMS}, "collision": collision.detach(), "regularizer": reg.detach(),
+                      "align_nats": u["align_nats"].detach(), "lambda_align": lam_a.detach(), **shares}
+        self._last_layers = {}
+        if c.per_layer_terms:
+            Td = T.detach()
+            nats = 0.5 * self._nats_align * Td[:, 0] * self._numel.to(Td.device, Td.dtype)
+            self._last_layers = {e.key: {**dict(zip(_TERMS, Td[i].unbind())), "align_nats": nats[i]}
+                                 for i, e in enumerate(self.entries)}
+        if c.align_budget is not None and torch.is_grad_enabled():
+            self._budget_step(u["align_nats"].detach())
         return reg
+
+    def _lambda_align_tensor(self, like: Tensor) -> Tensor:
+        if self._lambda_align is None:
+            if self.config.align_budget is None:
+                return torch.tensor(self.config.lambda_align, dtype=like.dtype, device=like.device)
+            self._lambda_align = torch.tensor(self.config.lambda_align, dtype=torch.float64, device=like.device)
+        if self._lambda_align.device != like.device:
+            self._lambda_align = self._lambda_align.to(like.device)
+        return self._lambda_align.to(like.dtype)
+
+    @torch.no_grad()
+    def _budget_step(self, align_nats: Tensor) -> None:
+        """log λ ← log λ + η·min(align_nats/ε − 1, 1), λ kept within [λ0/R, λ0·R] (R = 1e6); tensors only."""
+        c = self.config
+        lam0 = c.lambda_align
+        step = (align_nats.to(torch.float64) / c.align_budget - 1.0).clamp(max=1.0) * c.budget_lr
+        self._lambda_align = (self._lambda_align * torch.exp(step)).clamp(lam0 / _LAMBDA_RANGE, lam0 * _LAMBDA_RANGE)
 
     def __call__(self, task_loss: Tensor) -> Tensor:
         """``task_loss`` + regularisers (0-dim tensor)."""
@@ -265,9 +430,17 @@ class AGLLoss:
     # ------------------------------------------------------------------ logging
     @property
     def last_terms(self) -> Dict[str, Any]:
-        """Floats of the last call: mean-over-layers ``align``, ``task``, ``overlap``, ``geodesic``, ``collision``
-        (alpha-mix), ``regularizer`` (λ-weighted), ``task_loss``, ``total``; plus ``layers`` (name -> term -> float)
-        when ``config.per_layer_terms``."""
+        """Floats of the last call:
+
+        - ``align``, ``task``, ``overlap``, ``geodesic``: the terms in ``config.units`` (what the weights multiply;
+          see :class:`AGLConfig`), ``collision`` (their α-mix), ``regularizer`` (λ-weighted sum);
+        - ``align_nats``: the predicted rise of the alignment loss, ½·Σ_l Σ_ij F (ΔW_A)² with the un-normalised
+          per-token Fisher (nats per token), whatever the units;
+        - ``lambda_align``: the λ_A in force (the budget controller's multiplier in budget mode);
+        - ``share_align``, ``share_task``, ``share_overlap``, ``share_geodesic``: each weighted term's fraction of the
+          regulariser (sum to 1; all 0 when the regulariser is 0);
+        - ``task_loss``, ``total``; plus ``layers`` (name -> per-layer means as ``agl_terms`` gives them and the
+          layer's ``align_nats``) when ``config.per_layer_terms``."""
         out: Dict[str, Any] = {k: float(v) for k, v in self._last.items()}
         if self._last_layers:
             out["layers"] = {n: {k: float(v) for k, v in d.items()} for n, d in self._last_layers.items()}
@@ -275,13 +448,10 @@ class AGLLoss:
 
     @torch.no_grad()
     def layer_terms(self) -> Dict[str, Dict[str, float]]:
-        """Per-layer (and adapter) values of the four terms now, without recording anything."""
-        backend = resolve_backend(self.config.backend, self.entries[0].B.device)
-        out = {}
-        for e in self.entries:
-            key = e.name if len(e.binding.adapters) == 1 else f"{e.name}[{e.adapter}]"
-            out[key] = {k: float(v) for k, v in zip(_TERMS, self._layer_terms(e, backend))}
-        return out
+        """Per-layer (and adapter) values of the four terms now (per-element means, as ``agl_terms`` gives them),
+        without recording anything."""
+        T = self._term_matrix(resolve_backend(self.config.backend, self.entries[0].B.device))
+        return {e.key: {k: float(v) for k, v in zip(_TERMS, T[i].unbind())} for i, e in enumerate(self.entries)}
 
     def pop_running_means(self) -> Dict[str, float]:
         """Means of the recorded terms since the last call (what the logging callback reports), then reset."""

@@ -3,7 +3,9 @@
 File format (``FORMAT_VERSION`` 1): one ``.safetensors`` file. Tensors are named ``"<layer>/fisher"`` (m x n),
 ``"<layer>/U"`` (m x k) and ``"<layer>/V"`` (n x k'); the safetensors ``__metadata__`` holds one key, ``"agl"``, a JSON
 object ``{"format": "agl.alignment_state", "version": 1, "layers": {name: {"shape": [m, n], "rank_U": k|null,
-"rank_V": k'|null}}, "names": [layer order], "num_samples": N, "fisher_scale": s, "fisher_dtype": "float32"|"bfloat16", "options": {...}}``.
+"rank_V": k'|null}}, "names": [layer order], "num_samples": N, "num_tokens": T, "fisher_scale": s, "fisher_dtype": "float32"|"bfloat16",
+"options": {...}}``. ``num_tokens`` (the labelled tokens that carried the loss) was added later within version 1: a file
+without it loads with ``num_tokens = 0`` (unknown), and readers that predate it ignore it.
 ``m x n`` is the base weight's shape as stored (``(out, in)`` for ``nn.Linear``, ``(in, out)`` for ``fan_in_fan_out``).
 Loading never unpickles (safetensors only); saving is atomic (temporary file in the same folder, then ``os.replace``).
 """
@@ -59,6 +61,26 @@ class AlignmentState:
     num_samples: int = 0
     fisher_scale: float = 1.0  # raw mean Fisher over all layers; fisher = raw / fisher_scale
     options: Dict[str, Any] = field(default_factory=dict)
+    num_tokens: int = 0  # labelled tokens of the estimation data (0: unknown, e.g. a file from an older agl)
+
+    @property
+    def tokens_per_sample(self) -> Optional[float]:
+        """Mean labelled tokens per estimation sample, T̄ = num_tokens / num_samples; None when unknown."""
+        if self.num_tokens > 0 and self.num_samples > 0:
+            return self.num_tokens / self.num_samples
+        return None
+
+    @property
+    def nats_scale(self) -> float:
+        """c such that ``c · fisher`` is the empirical Fisher of the *per-token* loss on the estimation data:
+        c = fisher_scale / T̄. ``fisher`` is normalised to mean 1 and ``fisher · fisher_scale`` = mean_i G_i ⊙ G_i is
+        the Fisher of each sample's summed token loss; dividing by the mean token count T̄ turns it into the
+        Gauss-Newton curvature of the token-averaged loss L = Σ_i ℓ_i / Σ_i T_i. So ½·c·Σ fisher ⊙ ΔW² is the
+        second-order prediction of the rise of that loss, in nats per token (docs/MATH.md, "Units"). Without a token
+        count (``num_tokens = 0``: a hand-built state or an older file) T̄ is taken as 1, i.e. the stored Fisher is
+        read as the per-token one."""
+        tps = self.tokens_per_sample
+        return self.fisher_scale / (tps if tps is not None else 1.0)
 
     def __repr__(self) -> str:
         return f"AlignmentState({len(self.layers)} layers, {self.num_samples} samples)"
@@ -97,6 +119,7 @@ class AlignmentState:
             "layers": layers_meta,
             "names": list(self.layers),
             "num_samples": int(self.num_samples),
+            "num_tokens": int(self.num_tokens),
             "fisher_scale": float(self.fisher_scale),
             "fisher_dtype": str(fisher_dtype).replace("torch.", ""),
             "options": self.options,
@@ -148,7 +171,8 @@ class AlignmentState:
                 U = f.get_tensor(f"{name}/U") if f"{name}/U" in keys else None
                 V = f.get_tensor(f"{name}/V") if f"{name}/V" in keys else None
                 layers[name] = LayerState(fisher, U, V)
-        return cls(layers, int(meta.get("num_samples", 0)), float(meta.get("fisher_scale", 1.0)), dict(meta.get("options", {})))
+        return cls(layers, int(meta.get("num_samples", 0)), float(meta.get("fisher_scale", 1.0)), dict(meta.get("options", {})),
+                   int(meta.get("num_tokens", 0)))
 
     # ------------------------------------------------------------------ validation
     def check(self, model, layers=None) -> None:

@@ -45,8 +45,8 @@ def run(name, cfg_kwargs, checkpoints, batch, seq, lr):
     # a fixed pool of "task" batches with structure the model can learn (repeated sequences)
     pool = [make() for _ in range(4)]
     state = estimate_alignment_state(model, [make() for _ in range(2)], progress=False)
-    dflt = AGLConfig()
-    L = AGLLoss(model, state, AGLConfig(backend="torch", lambda_align=0.0, lambda_task=0.0, lambda_collision=0.0))
+    dflt = AGLConfig(units="paper")
+    L = AGLLoss(model, state, AGLConfig(units="paper", backend="torch", lambda_align=0.0, lambda_task=0.0, lambda_collision=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rows = []
     step = 0
@@ -106,8 +106,8 @@ def run_real(spec, checkpoints, lr, batch=2):
         a, b = (int(x) for x in torch.randint(10, 99, (2,), generator=g))
         task_recs.append({"prompt": f"What is {a} plus {b}? Answer with the number.", "response": f"{a} + {b} = {a + b}."})
     task = build_chat_batches(tok, task_recs, 96, batch)
-    dflt = AGLConfig()
-    L = AGLLoss(model, state, AGLConfig(backend="torch", lambda_align=0.0, lambda_task=0.0, lambda_collision=0.0))
+    dflt = AGLConfig(units="paper")
+    L = AGLLoss(model, state, AGLConfig(units="paper", backend="torch", lambda_align=0.0, lambda_task=0.0, lambda_collision=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     rows, step, t0 = [], 0, time.time()

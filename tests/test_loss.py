@@ -43,7 +43,8 @@ def _hand_sum(model, state, cfg, task_loss):
 
 def test_value_equals_reference_sum(trained):
     model, st = trained
-    cfg = AGLConfig(lambda_align=3.0, lambda_task=0.7, lambda_collision=1.9, alpha=0.3, backend="torch", per_layer_terms=True)
+    cfg = AGLConfig(lambda_align=3.0, lambda_task=0.7, lambda_collision=1.9, alpha=0.3, backend="torch", per_layer_terms=True,
+                    units="paper")
     L = AGLLoss(model, st, cfg)
     task = torch.tensor(1.25, dtype=torch.float64)
     got = L(task)
@@ -69,7 +70,7 @@ def test_one_sided_subspaces(trained):
     B, A = mod.lora_B["default"].weight, mod.lora_A["default"].weight
     U = st.layers[name].U
     t = reference.agl_terms(B, A, U @ U.T @ B, A, fisher=st.layers[name].fisher, scale=mod.scaling["default"])
-    got = AGLLoss(model, one, AGLConfig(backend="torch", layers=[name]))
+    got = AGLLoss(model, one, AGLConfig(backend="torch", layers=[name], units="paper"))
     got.regularizer()
     assert got.last_terms["align"] == pytest.approx(float(t.align.detach()), rel=1e-6)
 
@@ -112,7 +113,7 @@ def test_fan_in_fan_out_uses_weight_orientation():
 
     ref = estimate_alignment_state_loop(model, tiny_batches(3, 3, vocab=64), dtype=torch.float64)
     torch.testing.assert_close(ls.fisher, ref.layers[name].fisher, rtol=1e-10, atol=1e-12)
-    L = AGLLoss(model, st, AGLConfig(backend="torch"))
+    L = AGLLoss(model, st, AGLConfig(backend="torch", units="paper"))
     L.regularizer()
     B, A = mod.lora_B["default"].weight, mod.lora_A["default"].weight
     DW = mod.get_delta_weight("default")  # peft's own ΔW, (in, out)

@@ -95,6 +95,11 @@ def print_summary(result: dict, file=sys.stdout) -> None:
     print(f"Aligned start: RR_unsafe {pct(a['rr_unsafe'])}, over-refusal {pct(a['over_refusal'])}, "
           f"task EM {pct(a['task_em'])}", file=file)
     print(markdown_table(rep), file=file)
+    vs = (rep.get("frontier") or {}).get("agl_vs_ewc")
+    if vs:
+        print(f"AGL vs EWC at EWC's dev-chosen point ({vs['ewc_operating_point']}): RR_unsafe-after gain "
+              f"{pct(vs['rr_gain_at_matched_em'])} [{pct(vs['ci95'][0])}, {pct(vs['ci95'][1])}], p = {vs['p_value']:.3g}",
+              file=file)
     from agl.experiment.report import goal_line
 
     for k, v in rep.get("goals", {}).items():

@@ -318,9 +318,9 @@ def demo_config(**overrides) -> ExperimentConfig:
         seeds=[0],
         methods=["lora", "agl"],
         steps=30,
-        log_every=6,
+        log_every=6,  # 5 ΔL_align probes per fine-tune (was 10): each probe is ~1 training step of compute
         fisher_samples=48,
-        task_test=200,
+        task_test=200,  # each evaluation's task part: 2/3 of the former 300 questions (EM still with a CI)
         task_dev=100,
         task_max_new_tokens=8,
         eval_n_unsafe=48,

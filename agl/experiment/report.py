@@ -117,6 +117,10 @@ def _method_entry(cfg, m: str, paths: Dict[str, str], start: dict, before: List[
         recs_runs.append(d["records"])
         curve_runs.append(log["curve"])
     law = _fit_law(curve_runs, cfg)
+    hits = [[float(p["hit"]) for p in _read(os.path.join(paths[f"evaluate/{m}-s{s}"], "task.json"))["predictions"]]
+            for s in cfg.seeds_for(m)]
+    refused = [[np.nan if r["refused"] is None else float(r["refused"]) for r in recs if r["label"] == "unsafe"]
+               for recs in recs_runs]
     mean = lambda k: _nanmean([p[k] for p in per_seed])  # noqa: E731
     ems = [p["task_em"] for p in per_seed]
     entry = {
@@ -125,12 +129,24 @@ def _method_entry(cfg, m: str, paths: Dict[str, str], start: dict, before: List[
         "drift_reduction": math.nan, "drift_reduction_ci": [math.nan, math.nan],
         "over_refusal": mean("over_refusal"), "over_refusal_change": mean("over_refusal_change"),
         "task_em": mean("task_em"), "task_em_sd": float(np.std(ems, ddof=1)) if len(ems) > 1 else None,
+        "task_em_ci": column_mean_ci(hits, cfg.n_boot), "rr_unsafe_after_ci": column_mean_ci(refused, cfg.n_boot),
         "delta_align_loss": mean("delta_align_loss"), "predicted_align_nats": mean("predicted_align_nats"),
         "predicted_full_nats": mean("predicted_full_nats"),
         "law_A": law["A"], "law_beta": law["beta"], "law_A_ci": law["A_ci"], "law_beta_ci": law["beta_ci"],
         "law": law, "seeds": cfg.seeds_for(m), "per_seed": per_seed,
     }
     return entry, dict(zip(cfg.seeds_for(m), recs_runs)), curve_runs
+
+
+def column_mean_ci(rows: List[List[float]], n_boot: int, seed: int = 0) -> List[float]:
+    """95% bootstrap interval of the mean of a seeds x items matrix, resampling items (the seed-averaged value of
+    each item is kept together); NaN entries (not judged) are left out."""
+    x = np.nanmean(np.asarray(rows, dtype=float), axis=0)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return [math.nan, math.nan]
+    m = x[np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))].mean(axis=1)
+    return [float(np.percentile(m, 2.5)), float(np.percentile(m, 97.5))]
 
 
 def reduction_vs_lora(before: List[dict], lora_runs: Dict[int, List[dict]], runs: Dict[int, List[dict]],
@@ -244,17 +260,25 @@ def _f(x, pct=False, digits=3):
     return f"{100 * x:.1f}%" if pct else (f"{x:.{digits}g}" if abs(x) < 1e-2 and x != 0 else f"{x:.{digits}f}")
 
 
+def _ci_pct(ci) -> str:
+    return "" if not ci else f"[{_f(ci[0], True)}, {_f(ci[1], True)}]"
+
+
 def markdown_table(report: dict) -> str:
-    head = ("| method | seeds | RR_unsafe after | drift | drift reduction vs LoRA (95% CI) | over-refusal | task EM | "
-            "ΔL_align | A (95% CI) | β (95% CI) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | seeds | RR_unsafe after (95% CI) | drift | drift reduction vs LoRA (95% CI) | over-refusal | task EM (95% CI) | "
+            "ΔL_align | predicted (nats, ΔW_A / ΔW) | A (95% CI) | β (95% CI) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for m, e in report["methods"].items():
         ci = e.get("drift_reduction_ci") or [None, None]
         aci, bci = e.get("law_A_ci") or [None, None], e.get("law_beta_ci") or [None, None]
         rows.append(
-            f"| {e.get('label', m)} | {len(e.get('seeds') or [])} | {_f(e['rr_unsafe_after'], True)} | {_f(e['drift'], True)} | "
+            f"| {e.get('label', m)} | {len(e.get('seeds') or [])} | {_f(e['rr_unsafe_after'], True)} "
+            f"{_ci_pct(e.get('rr_unsafe_after_ci'))} | {_f(e['drift'], True)} | "
             f"{_f(e['drift_reduction'], True)} [{_f(ci[0], True)}, {_f(ci[1], True)}] | "
-            f"{_f(e['over_refusal'], True)} | {_f(e['task_em'], True)} | {_f(e['delta_align_loss'])} | "
+            f"{_f(e['over_refusal'], True)} | {_f(e['task_em'], True)} {_ci_pct(e.get('task_em_ci'))} | "
+            f"{_f(e['delta_align_loss'])} | "
+            f"{_f(e.get('predicted_align_nats'))} / {_f(e.get('predicted_full_nats'))} | "
             f"{_f(e['law_A'])} [{_f(aci[0])}, {_f(aci[1])}] | {_f(e['law_beta'])} [{_f(bci[0])}, {_f(bci[1])}] |")
     return head + "\n".join(rows) + "\n"
 

@@ -70,9 +70,13 @@ def _eval_arrays(paths, runs: Dict[int, str], unsafe_ids: List[str]):
 
 
 def _dev(paths, runs: Dict[int, str]) -> dict:
+    """Dev EM and the calibration hold-out's measured ΔL_align, with the predicted rise at the end of training
+    (what a budget point should hold at its ε), means over seeds."""
     ds = [_read(os.path.join(paths[f"dev/{run}-s{s}"], "dev.json")) for s, run in runs.items()]
+    ends = [_read(os.path.join(paths[f"finetune/{run}-s{s}"], "train_log.json"))["curve"][-1] for s, run in runs.items()]
     return {"dev_em": float(np.mean([d["dev_em"] for d in ds])),
-            "dev_delta_align_loss": float(np.mean([d["delta_align_loss"] for d in ds]))}
+            "dev_delta_align_loss": float(np.mean([d["delta_align_loss"] for d in ds])),
+            **{k: float(np.mean([e[k] for e in ends])) for k in _KEYS if all(k in e for e in ends)}}
 
 
 def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dict) -> Optional[dict]:
@@ -165,12 +169,13 @@ def markdown_sections(report: dict) -> List[str]:
     if F:
         lines += ["## Frontier", "", f"Operating-point rule (pre-registered): {F['rule']}. AGL's curve: its "
                   f"{F['agl_axis']} grid, with LoRA as λ = 0.", "",
-                  "| point | dev EM | dev ΔL_align | eval RR_unsafe after | eval task EM | drift reduction (95% CI) |",
-                  "|---|---|---|---|---|---|"]
+                  "| point | dev EM | dev ΔL_align (predicted ΔW_A) | eval RR_unsafe after | eval task EM | "
+                  "drift reduction (95% CI) |", "|---|---|---|---|---|---|"]
         for r in [F["lora"]] + F["points"]:
             e = r.get("eval") or {}
             ci = e.get("drift_reduction_ci") or [None, None]
-            lines.append(f"| {r['label']} | {_pct(r['dev_em'])} | {_num(r['dev_delta_align_loss'])} | "
+            lines.append(f"| {r['label']} | {_pct(r['dev_em'])} | {_num(r['dev_delta_align_loss'])} "
+                         f"({_num(r.get('pred_align_nats'))}) | "
                          f"{_pct(e.get('rr_unsafe_after'))} | {_pct(e.get('task_em'))} | "
                          f"{_pct(e.get('drift_reduction'))} [{_pct(ci[0])}, {_pct(ci[1])}] |")
         ops = F["operating_points"]

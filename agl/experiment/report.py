@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import sys
+import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -141,7 +142,9 @@ def _method_entry(cfg, m: str, paths: Dict[str, str], start: dict, before: List[
 def column_mean_ci(rows: List[List[float]], n_boot: int, seed: int = 0) -> List[float]:
     """95% bootstrap interval of the mean of a seeds x items matrix, resampling items (the seed-averaged value of
     each item is kept together); NaN entries (not judged) are left out."""
-    x = np.nanmean(np.asarray(rows, dtype=float), axis=0)
+    with warnings.catch_warnings():  # an item no seed judged is NaN, and left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        x = np.nanmean(np.asarray(rows, dtype=float), axis=0)
     x = x[np.isfinite(x)]
     if not len(x):
         return [math.nan, math.nan]
@@ -250,7 +253,8 @@ def _goals(report: dict) -> dict:
         lo = (vs.get("ci95") or [None])[0]
         g["frontier_agl_vs_ewc_ci95_above_0"] = _goal(lo is not None and not math.isnan(lo) and lo > 0,
                                                         vs.get("rr_gain_at_matched_em"), 0.0,
-                                                        f"ci95 {vs.get('ci95')}, p {vs.get('p_value')}")
+                                                        "ci95 [{}, {}], p {}".format(*(_f(x) for x in
+                                                                                         [*(vs.get("ci95") or [None, None]), vs.get("p_value")])))
     return g
 
 

@@ -7,7 +7,10 @@ __all__ = ["AGLLoggingCallback"]
 
 
 class AGLLoggingCallback(TrainerCallback):
-    """Adds the AGL terms, averaged since the previous log, to every ``Trainer`` log as ``agl/<term>``.
+    """Adds the AGL terms, averaged since the previous log, to every ``Trainer`` log as ``agl/<term>``: every key of
+    ``AGLLoss.last_terms`` but ``layers``, e.g. ``agl/align_nats`` (predicted rise of the alignment loss, nats per
+    token), ``agl/lambda_align`` (the weight in force; in budget mode the multiplier's mean over the logged steps)
+    and ``agl/share_align`` … (each term's fraction of the regulariser).
 
     ``Trainer(..., compute_loss_func=agl_loss.trainer_loss, callbacks=[AGLLoggingCallback(agl_loss)])``. The terms go
     into ``state.log_history`` and into the ``logs`` dict; reporters that run before this callback (the built-in

@@ -50,3 +50,23 @@ def tiny_batches(n_samples: int = 6, batch_size: int = 3, T: int = 12, seed: int
             ids[i, L:] = 0
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
+
+
+def train_trace(config, steps: int = 80, lr: float = 1e-2):
+    """(align_nats, lambda_align) after each of ``steps`` AdamW steps of task loss + ``AGLLoss(config)`` on the tiny
+    Llama (state from 6 random-token samples, training on 16 others): the budget controller's test and bench."""
+    from agl.fisher import estimate_alignment_state
+    from agl.loss import AGLLoss
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    reg = AGLLoss(model, estimate_alignment_state(model, tiny_batches(6, 3), progress=False), config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    data = tiny_batches(16, 4, seed=3)
+    out = []
+    for step in range(steps):
+        reg(model(**data[step % len(data)]).loss).backward()
+        opt.step()
+        opt.zero_grad()
+        out.append((reg.last_terms["align_nats"], reg.last_terms["lambda_align"]))
+    return out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _tiny import tiny_batches, tiny_llama  # noqa: E402
+from _tiny import tiny_batches, tiny_llama, train_trace  # noqa: E402
 
 from agl import reference  # noqa: E402
 from agl.fisher import AlignmentState, LayerState, estimate_alignment_state  # noqa: E402
@@ -57,6 +57,293 @@ def test_value_equals_reference_sum(trained):
     assert lt["task_loss"] == 1.25 and lt["total"] == pytest.approx(float(want.detach()), rel=1e-6)
     assert len(lt["layers"]) == 8 and all(v["geodesic"] > 0 for v in lt["layers"].values())
     assert L.layer_terms().keys() == lt["layers"].keys()
+
+
+# ---------------------------------------------------------------------------------------------------- units
+class _TwoLinear(torch.nn.Module):
+    """Two bias-free linear layers of different shapes: a (2 x 3) and b (4 x 2), for hand-computed terms."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 2, bias=False)
+        self.b = torch.nn.Linear(2, 4, bias=False)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _hand_model():
+    """peft LoRA r = 1, scaling 1 on both layers with set factors and base weights; float64.
+    ΔW_a = [[1, 0, -1], [2, 0, -2]],  ΔW_b = [[1, -1], [1, -1], [1, -1], [0, 0]]."""
+    from peft import LoraConfig, get_peft_model
+
+    net = _TwoLinear().double()
+    model = get_peft_model(net, LoraConfig(r=1, lora_alpha=1, target_modules=["a", "b"], lora_dropout=0.0))
+    mods = {n.split(".")[-1]: m for n, m in model.named_modules() if hasattr(m, "lora_A") and n.split(".")[-1] in "ab"}
+    with torch.no_grad():
+        mods["a"].lora_B["default"].weight.copy_(torch.tensor([[1.0], [2.0]]))
+        mods["a"].lora_A["default"].weight.copy_(torch.tensor([[1.0, 0.0, -1.0]]))
+        mods["a"].get_base_layer().weight.copy_(torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]))  # ‖W0‖² = 7
+        mods["b"].lora_B["default"].weight.copy_(torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
+        mods["b"].lora_A["default"].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        mods["b"].lora_B["default"].weight.add_(torch.tensor([[0.0], [1.0], [0.0], [0.0]]))
+        mods["b"].get_base_layer().weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]))  # 4
+    names = {k: next(n for n, m in model.named_modules() if m is v) for k, v in mods.items()}
+    return model, mods, names
+
+
+def _hand_state(names, task=False):
+    """F̃_a = rows (1, 2), U_a = (0.6, 0.8), V_a = None; F̃_b = columns (1, 3), U_b = None, V_b = (0.8, 0.6).
+    fisher_scale 2, 4 samples, 16 tokens: T̄ = 4, nats_scale c = 0.5 (task state: fisher_scale 3, T̄ = 1, c_H = 3)."""
+    d = torch.float64
+    Fa = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]], dtype=d)
+    Fb = torch.tensor([[1.0, 3.0]] * 4, dtype=d)
+    if task:
+        return AlignmentState({names["a"]: LayerState(Fa.flip(0)), names["b"]: LayerState(Fb.flip(1))}, 5, 3.0, {}, 5)
+    Ua = torch.tensor([[0.6], [0.8]], dtype=d)
+    Vb = torch.tensor([[0.8], [0.6]], dtype=d)
+    return AlignmentState({names["a"]: LayerState(Fa, Ua, None), names["b"]: LayerState(Fb, None, Vb)}, 4, 2.0, {}, 16)
+
+
+def _hand_parts(model, mods, state, subspaces=True):
+    """(D, D_A, D_T, F̃, W0) per layer from the factors and the state by explicit matrix products."""
+    out = {}
+    for k, mod in mods.items():
+        ls = state.layers[next(n for n, m in model.named_modules() if m is mod)]
+        D = (mod.lora_B["default"].weight @ mod.lora_A["default"].weight).detach()
+        DA = D
+        if subspaces:
+            DA = DA if ls.U is None else ls.U @ ls.U.T @ DA
+            DA = DA if ls.V is None else DA @ ls.V @ ls.V.T
+        out[k] = (D, DA, D - DA, ls.fisher, mod.get_base_layer().weight.detach())
+    return out
+
+
+def test_units_hand_computed_every_term():
+    """Every term in nats units against its definition, on factors and a state set by hand (docs/MATH.md, Units)."""
+    model, mods, names = _hand_model()
+    st = _hand_state(names)
+    assert st.tokens_per_sample == 4.0 and st.nats_scale == 0.5
+    P = _hand_parts(model, mods, st)
+    D_a = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0]], dtype=torch.float64)
+    torch.testing.assert_close(P["a"][0], D_a)
+    # layer a by hand: D_A = U Uᵀ D has columns ±(1.32, 1.76), D_T = ±(-0.32, 0.24); F̃ rows 1 and 2
+    # Σ F̃ D_A² = 2·(1.32² + 2·1.76²) = 15.8752  ->  align_nats_a = ½ · 0.5 · 15.8752 = 3.9688
+    # Σ F̃ D_A D_T = 2·(1.32·(-0.32) + 2·1.76·0.24) = 0.8448, Σ F̃ D_T² = 2·(0.32² + 2·0.24²) = 0.4352
+    cos2_a = 0.8448 ** 2 / (15.8752 * 0.4352)
+    c = 0.5
+    sums = {}
+    for k, (D, DA, DT, F, W0) in P.items():
+        sums[k] = dict(align=float((F * DA**2).sum()), task=float((DT**2).sum()), overlap=float((DA.abs() * DT.abs()).sum()),
+                       cos2=float((F * DA * DT).sum() ** 2 / ((F * DA**2).sum() * (F * DT**2).sum())), w0=float((W0**2).sum()))
+    assert sums["a"]["align"] == pytest.approx(15.8752) and sums["a"]["cos2"] == pytest.approx(cos2_a)
+    assert sums["a"]["w0"] == 7.0 and sums["b"]["w0"] == 4.0
+    want = {
+        "align": c / 2 * (sums["a"]["align"] + sums["b"]["align"]),
+        "task": (sums["a"]["task"] + sums["b"]["task"]) / 11.0,  # relative size Σ‖ΔW_T‖² / Σ‖W0‖²
+        "overlap": c / 2 * (sums["a"]["overlap"] + sums["b"]["overlap"]),  # β = 0: η = 1
+        "geodesic": c / 2 * (sums["a"]["cos2"] * sums["a"]["align"] + sums["b"]["cos2"] * sums["b"]["align"]),
+    }
+    assert all(v > 0 for v in want.values())
+    lam = dict(lambda_align=0.7, lambda_task=1.3, lambda_collision=2.0)
+    L = AGLLoss(model, st, AGLConfig(backend="torch", beta=0.0, alpha=0.25, eps=0.0, per_layer_terms=True, **lam))
+    reg = L.regularizer()
+    lt = L.last_terms
+    for k, v in want.items():
+        assert lt[k] == pytest.approx(v, rel=1e-12), k
+    assert lt["align_nats"] == pytest.approx(want["align"], rel=1e-12)
+    assert lt["layers"][names["a"]]["align_nats"] == pytest.approx(3.9688, rel=1e-12)
+    parts = {"align": 0.7 * want["align"], "task": 1.3 * want["task"], "overlap": 2.0 * 0.25 * want["overlap"],
+             "geodesic": 2.0 * 0.75 * want["geodesic"]}
+    assert float(reg.detach()) == pytest.approx(sum(parts.values()), rel=1e-12)
+    assert lt["collision"] == pytest.approx(0.25 * want["overlap"] + 0.75 * want["geodesic"], rel=1e-12)
+    for k, v in parts.items():
+        assert lt[f"share_{k}"] == pytest.approx(v / sum(parts.values()), rel=1e-12)
+    assert lt["lambda_align"] == 0.7
+    # the paper's raw units: means over elements and layers, the normalised Fisher
+    Lp = AGLLoss(model, st, AGLConfig(backend="torch", beta=0.0, eps=0.0, units="paper"))
+    Lp.regularizer()
+    N = {"a": 6, "b": 8}
+    assert Lp.last_terms["align"] == pytest.approx((sums["a"]["align"] / 6 + sums["b"]["align"] / 8) / 2, rel=1e-12)
+    assert Lp.last_terms["geodesic"] == pytest.approx((sums["a"]["cos2"] + sums["b"]["cos2"]) / 2, rel=1e-12)
+    assert Lp.last_terms["align_nats"] == pytest.approx(want["align"], rel=1e-12)  # nats are reported in any units
+    assert Lp.config.lambda_align == 1e5 and Lp.config.lambda_task == 1e4 and N["a"] * 2 == 12
+
+
+def test_units_task_term_with_a_task_fisher():
+    """With a task Fisher H the task term is ½·c_H·Σ H̃ ΔW_T², nats of the task loss."""
+    model, mods, names = _hand_model()
+    st, H = _hand_state(names), _hand_state(names, task=True)
+    assert H.nats_scale == 3.0
+    P = _hand_parts(model, mods, st)
+    want = 0.5 * 3.0 * sum(float((H.layers[names[k]].fisher * DT**2).sum()) for k, (_, _, DT, _, _) in P.items())
+    L = AGLLoss(model, st, AGLConfig(backend="torch", task_metric=H))
+    L.regularizer()
+    assert want > 0 and L.last_terms["task"] == pytest.approx(want, rel=1e-12)
+
+
+def test_ewc_config_equals_the_old_ewc_penalty():
+    """AGLConfig.ewc is the experiment's old EWCPenalty, λ·mean_layers mean(F̃ ⊙ ΔW²), in paper units, and
+    λ·½·c·Σ F̃ ΔW² in nats; ΔW from peft's own get_delta_weight."""
+    model = tiny_llama(dtype=torch.float64, init_b=0.05)
+    st = estimate_alignment_state(model, tiny_batches(6, 3), progress=False, dtype=torch.float64)
+    from peft.tuners.lora import LoraLayer
+
+    per_layer = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            DW = mod.get_delta_weight("default").detach()
+            per_layer.append(((st.layers[name].fisher * DW**2).mean(), (st.layers[name].fisher * DW**2).sum()))
+    lam = 3.5e4
+    old = lam * torch.stack([m for m, _ in per_layer]).mean()
+    task = torch.tensor(0.9, dtype=torch.float64)
+    paper = AGLLoss(model, st, AGLConfig.ewc(lambda_align=lam, units="paper", backend="torch"))
+    torch.testing.assert_close(paper(task), task + old, rtol=1e-12, atol=0)
+    assert paper.config.subspaces is False and paper.config.lambda_task == 0 and paper.config.lambda_collision == 0
+    assert paper.last_terms["task"] == 0 and paper.last_terms["overlap"] == 0 and paper.last_terms["geodesic"] == 0
+    nats = AGLLoss(model, st, AGLConfig.ewc(lambda_align=2.0, backend="torch"))
+    want = 2.0 * 0.5 * st.nats_scale * torch.stack([s for _, s in per_layer]).sum()
+    torch.testing.assert_close(nats.regularizer(), want, rtol=1e-12, atol=0)
+    assert nats.last_terms["share_align"] == 1.0
+
+
+def _per_token_fisher_by_hand(model, batches):
+    """Σ_i g_i ⊙ g_i / Σ_i T_i per LoRA layer: g_i = ∂(summed token NLL of sample i)/∂W0 from one backward per
+    sample, T_i its labelled tokens (the empirical Fisher of the token-averaged loss, not normalised)."""
+    from peft.tuners.lora import LoraLayer
+
+    mods = {n: m.get_base_layer() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    F = {n: torch.zeros_like(m.weight) for n, m in mods.items()}
+    tokens = 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in mods.values():
+        m.weight.requires_grad_(True)
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            ids, mask, lab = b["input_ids"][i : i + 1], b["attention_mask"][i : i + 1], b["labels"][i : i + 1]
+            logits = model(input_ids=ids, attention_mask=mask).logits[0, :-1]
+            tgt = lab[0, 1:]
+            nll = torch.nn.functional.cross_entropy(logits, tgt, ignore_index=-100, reduction="sum")
+            grads = torch.autograd.grad(nll, [m.weight for m in mods.values()])
+            for n, g in zip(mods, grads):
+                F[n] += g**2
+            tokens += int((tgt != -100).sum())
+    for m in mods.values():
+        m.weight.requires_grad_(False)
+    return {n: f / tokens for n, f in F.items()}
+
+
+def test_align_nats_is_the_quadratic_form_with_the_unnormalised_fisher():
+    """align_nats = ½ Σ_layers Σ_ij F_ij (ΔW_A)_ij², F the per-token empirical Fisher computed by hand (one backward
+    per sample), ΔW_A = U Uᵀ ΔW V Vᵀ from peft's ΔW; the same with subspaces=False (ΔW_A = ΔW)."""
+    model = tiny_llama(dtype=torch.float64, init_b=0.05)
+    batches = tiny_batches(6, 3)
+    st = estimate_alignment_state(model, batches, progress=False, dtype=torch.float64)
+    assert st.num_tokens == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches) and st.num_samples == 6
+    F = _per_token_fisher_by_hand(model, batches)
+    from peft.tuners.lora import LoraLayer
+
+    want_sub = want_all = 0.0
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            DW = mod.get_delta_weight("default").detach()
+            U, V = st.layers[name].U, st.layers[name].V
+            want_sub += 0.5 * float((F[name] * (U @ U.T @ DW @ V @ V.T) ** 2).sum())
+            want_all += 0.5 * float((F[name] * DW**2).sum())
+    for cfg, want in ((AGLConfig(backend="torch"), want_sub), (AGLConfig(backend="torch", subspaces=False), want_all)):
+        L = AGLLoss(model, st, cfg)
+        L.regularizer()
+        assert L.last_terms["align_nats"] == pytest.approx(want, rel=1e-9)
+    assert 0 < want_sub < want_all
+
+
+def test_state_token_count_round_trip_and_old_files(tmp_path):
+    """num_tokens survives save/load; a file without it (older agl) loads as unknown and nats_scale = fisher_scale."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = tiny_llama()
+    st = estimate_alignment_state(model, tiny_batches(3, 3), progress=False)
+    path = st.save(tmp_path / "s")
+    back = AlignmentState.load(path)
+    assert back.num_tokens == st.num_tokens > 0 and back.nats_scale == pytest.approx(st.fisher_scale * 3 / st.num_tokens)
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["agl"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["num_tokens"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"agl": json.dumps(meta)})
+    old = AlignmentState.load(tmp_path / "old.safetensors")
+    assert old.num_tokens == 0 and old.tokens_per_sample is None and old.nats_scale == st.fisher_scale
+
+
+def test_budget_controller_holds_the_predicted_rise():
+    """With align_budget = ε the predicted rise settles at ε (last 30 of 80 steps within [0.7ε, 1.35ε], never above
+    1.8ε) while the unconstrained run ends at > 4ε; λ_align is logged and moves."""
+    eps = 3e-4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 80-step tiny runs: threading only costs here (10x slower on a busy 2-core box)
+    try:
+        _check_budget(eps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_budget(eps):
+    free = train_trace(AGLConfig(backend="torch", lambda_align=0.0, lambda_task=0.0, lambda_collision=0.0))
+    assert free[-1][0] > 4 * eps
+    held = train_trace(AGLConfig(backend="torch", lambda_align=1.0, lambda_task=0.0, lambda_collision=0.0, align_budget=eps))
+    a = [x for x, _ in held]
+    tail = a[-30:]
+    assert max(a) < 1.8 * eps and 0.7 * eps < min(tail) and max(tail) < 1.35 * eps, [round(x / eps, 2) for x in a]
+    assert sum(a[-20:]) / 20 == pytest.approx(eps, rel=0.15)
+    lams = [lam for _, lam in held]
+    assert lams[0] == 1.0 and max(lams) > 5.0  # the multiplier had to rise well above its start to hold the budget
+    # no-grad calls (evaluation, logging) do not move the multiplier
+    model = tiny_llama(init_b=0.05)
+    st = estimate_alignment_state(model, tiny_batches(3, 3), progress=False)
+    L = AGLLoss(model, st, AGLConfig(backend="torch", align_budget=1e-9))
+    with torch.no_grad():
+        L.regularizer()
+        L.regularizer()
+    assert L.lambda_align == 1.0
+    L.regularizer()
+    L.regularizer()
+    assert L.lambda_align > 1.0
+
+
+def test_bad_unit_and_budget_values():
+    with pytest.raises(ValueError, match="units"):
+        AGLConfig(units="bits")
+    with pytest.raises(ValueError, match="align_budget"):
+        AGLConfig(align_budget=-0.1)
+    with pytest.raises(ValueError, match="align_budget"):
+        AGLConfig(align_budget=float("nan"))
+    with pytest.raises(ValueError, match="lambda_align"):
+        AGLConfig(align_budget=0.1, lambda_align=0.0)
+    with pytest.raises(ValueError, match="budget_lr"):
+        AGLConfig(align_budget=0.1, budget_lr=0.0)
+    with pytest.raises(ValueError, match="budget_horizon"):
+        AGLConfig(budget_horizon=-1)
+    with pytest.raises(ValueError, match="subspaces"):
+        AGLConfig(subspaces="no")
+    with pytest.raises(ValueError, match="lambda_task"):
+        AGLConfig(lambda_task=float("inf"))
+    with pytest.raises(ValueError, match="subspaces"):
+        AGLConfig.ewc(lambda_align=1.0, subspaces=True)
+    assert AGLConfig().lambda_align == 1.0 and AGLConfig(units="paper").lambda_align == 1e5
+
+
+def test_term_matrix_is_per_layer_means(trained):
+    model, st = trained
+    L = AGLLoss(model, st, AGLConfig(backend="torch"))
+    T = L._term_matrix("torch")
+    assert T.shape == (len(L.entries), 4) and T.requires_grad
+    per = L.layer_terms()
+    for i, e in enumerate(L.entries):
+        assert [float(v) for v in T[i].detach()] == pytest.approx([per[e.key][k] for k in ("align", "task", "overlap", "geodesic")])
 
 
 def test_one_sided_subspaces(trained):

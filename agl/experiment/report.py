@@ -201,6 +201,9 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str, provenance: Optional[
     if "lora" in runs:
         for m in cfg.methods:
             report["methods"][m].update(reduction_vs_lora(before, runs["lora"], runs[m], cfg.n_boot))
+    if "safe_lora" in report["methods"]:  # the dev-data choice of its threshold, for the record
+        th = _read(os.path.join(paths["safe_lora/threshold"], "threshold.json"))
+        report["methods"]["safe_lora"]["threshold"] = {k: v for k, v in th.items() if k != "similarities"}
     report["prediction"] = analysis.prediction_section(cfg, paths)
     report["frontier"] = analysis.frontier_section(cfg, paths, before, report)
     report["goals"] = _goals(report)
@@ -292,6 +295,17 @@ def goal_line(name: str, g: dict) -> str:
     return f"- {name}: **{state}** (value {_f(g['value'])}, target {_f(g['target'])}{'; ' + g['note'] if g.get('note') else ''})"
 
 
+def _safe_lora_lines(report: dict) -> List[str]:
+    th = (report["methods"].get("safe_lora") or {}).get("threshold")
+    if not th:
+        return []
+    cands = ", ".join(f"{_f(c['fraction'], True)} of layers → dev EM {_f(c['dev_em'], True)}" for c in th["candidates"])
+    pick = "nothing projected (no candidate met the rule)" if th["tau"] is None else \
+        f"τ = {th['tau']:.4g} ({_f(th['fraction'], True)} of the layers projected)"
+    return [f"Safe LoRA threshold (dev data; rule: {th['rule']}; LoRA dev EM {_f(th['lora_dev_em'], True)}): "
+            f"{pick}. Candidates: {cands}.", ""]
+
+
 def markdown_report(report: dict) -> str:
     from agl.experiment.analysis import markdown_sections
 
@@ -318,6 +332,7 @@ def markdown_report(report: dict) -> str:
         "bootstrap over unsafe prompts. ΔL_align: rise of the NLL of held-out (calibration) refusal demonstrations "
         "at the end of the fine-tune (Safe LoRA: after the projection). A, β: ΔL_align(D) = A·D^β fitted on all "
         "seeds' logged points (D = tokens).", "",
+        *_safe_lora_lines(report),
         *markdown_sections(report),
         "## Goals (issue 10; never moved)", "",
     ]

@@ -239,7 +239,7 @@ def test_ablation_seeds_plan_and_order(tmp_path):
     """`ablation_seeds` runs the five ablations on fewer seeds; the main methods keep `seeds`; the report stage's
     key changes with it (so a different seed plan never reuses a stale report)."""
     from agl.experiment.config import ExperimentConfig
-    from agl.experiment.pipeline import _stage_plan
+    from agl.experiment.plan import stage_plan as _stage_plan
 
     cfg = ExperimentConfig(out=str(tmp_path), seeds=[0, 1], ablation_seeds=[0], methods=["lora", "no_task", "ewc"])
     assert cfg.seeds_for("no_task") == [0] and cfg.seeds_for("lora") == [0, 1] and cfg.seeds_for("ewc") == [0, 1]
@@ -275,7 +275,7 @@ def test_ablation_on_fewer_seeds_is_paired_with_lora_on_the_same_seeds(tmp_path)
 # ------------------------------------------------------------------------------------------- config nesting
 def test_agl_config_is_embedded_and_overridable(tmp_path):
     from agl.experiment.config import ExperimentConfig, agl_settings, load_config, method_settings
-    from agl.experiment.pipeline import _stage_plan
+    from agl.experiment.plan import stage_plan as _stage_plan
     from agl.loss import AGLConfig
 
     cfg = ExperimentConfig()
@@ -466,7 +466,7 @@ def test_grid_plan_budget_points_and_shared_runs(tmp_path):
     """Grid points become fine-tunes (a budget point carries its align_budget); a point with a main method's
     settings and seed is that method's run; LoRA gets a dev evaluation (the rule's reference)."""
     from agl.experiment.config import ExperimentConfig
-    from agl.experiment.pipeline import _stage_plan, grid_points, run_names
+    from agl.experiment.plan import grid_points, run_names, stage_plan as _stage_plan
 
     cfg = ExperimentConfig(out=str(tmp_path), seeds=[0, 1], methods=["lora", "agl", "ewc"], sweep_agl=[1.0, 10.0],
                            sweep_budget=[0.1, 0.01], sweep_ewc=[10.0], sweep_seeds=[0])

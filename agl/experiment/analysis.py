@@ -82,7 +82,7 @@ def _dev(paths, runs: Dict[int, str]) -> dict:
 def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dict) -> Optional[dict]:
     """None without a grid. Otherwise every grid point's dev numbers (and eval numbers with ``sweep_eval``), the
     operating points by the pre-registered rule, and ``agl_vs_ewc``."""
-    from agl.experiment.pipeline import grid_points, run_names
+    from agl.experiment.plan import grid_points, run_names
 
     points = grid_points(cfg)
     if not points:

@@ -5,8 +5,10 @@
     print(result["report"]["methods"]["agl"]["drift_reduction"])
 
 Stages (see :mod:`agl.experiment.pipeline`): aligned start (LoRA SFT, merged) -> its DriftCaps evaluation ->
-alignment state -> task data -> fine-tunes (LoRA, AGL, ablations, EWC; several seeds) -> evaluations -> law fits
-and report. Every stage's artefact carries its config hash and is reused only when the hash and checksums match.
+alignment state -> task data -> fine-tunes (LoRA, AGL, ablations, EWC; several seeds; optional λ / budget grids)
+-> Safe LoRA (LoRA projected) -> evaluations (eval split; dev EM for the grids) -> law fits, predicted vs measured
+ΔL_align, the frontier with dev-chosen operating points, and the report. The regulariser is one ``AGLConfig``
+(``ExperimentConfig.agl``); every method is a replacement of it. Every stage's artefact carries its config hash and is reused only when the hash and checksums match.
 """
 from __future__ import annotations
 

@@ -1,16 +1,16 @@
-"""Shared helpers of the experiment: model loading, chat batches, greedy generation, held-out loss, JSONL caches."""
+"""Shared helpers of the experiment: model loading, chat batches, greedy generation (through the DriftCaps harness),
+held-out loss, JSONL (``agl._io``)."""
 from __future__ import annotations
 
-import json
 import random
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from agl._io import read_jsonl, write_jsonl
+from agl import _io
 
 __all__ = [
-    "ModelFactory", "default_model_factory", "chat_batches", "generate", "mean_nll",
+    "ModelFactory", "default_model_factory", "chat_batches", "generate", "mean_nll", "read_jsonl", "write_jsonl",
     "torch_dtype", "lora_config", "set_seed",
 ]
 
@@ -31,6 +31,14 @@ def default_model_factory(spec: str, device: str, dtype: torch.dtype):
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def read_jsonl(path: str) -> List[dict]:
+    """Records of a JSONL artefact (``agl._io.read_jsonl``; a missing file reads as none)."""
+    return _io.read_jsonl(path, missing_ok=True)
+
+
+write_jsonl = _io.write_jsonl
 
 
 def lora_config(rank: int, alpha: int, targets, seed_dropout: float = 0.0):
@@ -119,63 +127,27 @@ def mean_nll(model, batches: Sequence[Dict[str, torch.Tensor]], device) -> float
     return tot / max(n, 1)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, device,
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, device=None,
              progress: bool = False, desc: str = "generate", cache: Optional[str] = None) -> List[Dict[str, object]]:
-    """Greedy chat completions of ``prompts``, batched with left padding. Returns ``{"response", "finished"}`` per
-    prompt (``finished``: the model ended its turn within ``max_new_tokens``). With ``cache`` (a JSONL path),
-    completions are appended as they finish and reused on the next call, so an interrupted run loses nothing."""
-    from tqdm.auto import tqdm
+    """Greedy chat completions of ``prompts`` through the DriftCaps harness (``agl.driftcaps.harness.evaluate``:
+    batched, left-padded, resumable JSONL ``cache``), without judging. Returns ``{"response", "finished"}`` per
+    prompt; ``finished``: the completion is shorter than ``max_new_tokens`` tokens, i.e. the model ended its turn
+    (re-tokenised, so a completion cut exactly at the limit can rarely read as finished). ``device``: unused, the
+    model's own device is used (kept for the callers' signature)."""
+    from agl.driftcaps.harness import evaluate
 
-    _ensure_pad(tokenizer)
-    done: Dict[str, dict] = {}
-    if cache:
-        for r in read_jsonl(cache, missing_ok=True, tolerate_torn_tail=True):
-            done[r["prompt"]] = r
-        # rewritten without a torn last line, so the appends below start on a line of their own
-        write_jsonl(cache, list(done.values()))
-    todo = [p for p in dict.fromkeys(prompts) if p not in done]
-    todo.sort(key=len)  # similar lengths together: less padding
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    eos_ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if im_end is not None:
-        eos_ids.add(im_end)
-    eos_ids.discard(None)
-    fh = open(cache, "a", encoding="utf-8") if cache else None
-    try:
-        bar = tqdm(total=len(todo), desc=desc, disable=not progress, leave=False, unit="prompt")
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i: i + batch_size]
-            ids = [_chat_ids(tokenizer, p)[0] for p in chunk]
-            T = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), T), tokenizer.pad_token_id, dtype=torch.long)
-            attn = torch.zeros((len(ids), T), dtype=torch.long)
-            for j, x in enumerate(ids):
-                input_ids[j, T - len(x):] = torch.tensor(x)
-                attn[j, T - len(x):] = 1
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=sorted(eos_ids) or None)
-            for j, p in enumerate(chunk):
-                gen = out[j, T:].tolist()
-                finished = any(t in eos_ids for t in gen)
-                text = tokenizer.decode(gen, skip_special_tokens=True).strip()
-                rec = {"prompt": p, "response": text, "finished": bool(finished)}
-                done[p] = rec
-                if fh:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            if fh:
-                fh.flush()
-            bar.update(len(chunk))
-        bar.close()
-    finally:
-        if fh:
-            fh.close()
-        tokenizer.padding_side = old_side
-        if was_training:
-            model.train()
-    return [done[p] for p in prompts]
+    unique = list(dict.fromkeys(prompts))
+    recs = [{"id": f"q{i:06d}", "prompt": p, "label": "safe", "category": desc, "split": "eval"}
+            for i, p in enumerate(unique)]
+    rep = evaluate(model, tokenizer, recs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   judge=_no_judge, cache=cache, progress=progress)
+    by_prompt = {}
+    for r in rep.records:
+        n_tok = len(tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+        by_prompt[r["prompt"]] = {"response": r["response"], "finished": n_tok < max_new_tokens}
+    return [dict(by_prompt[p], prompt=p) for p in prompts]
+
+
+def _no_judge(prompt: str, response: str) -> bool:
+    """Generation only: the harness's judge slot, never read."""
+    return False

@@ -33,7 +33,7 @@ def _set_value(text):
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="JSON or TOML config file (keys = ExperimentConfig fields; "
-                   "TOML may put them under [experiment]); flags override it")
+                   "TOML may put them under [experiment], the AGL fields under [experiment.agl]); flags override it")
     p.add_argument("--out", metavar="DIR", help="output directory (artefacts, caches, report)")
     p.add_argument("--model", metavar="SPEC", help="model: 'smollm2-135m-instruct' (offline default), a local HF "
                    "directory or a .gguf file")
@@ -43,14 +43,21 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation-seeds", type=_csv(int), dest="ablation_seeds", metavar="S,S,...",
                    help="seeds for the five ablations only (default: --seeds)")
     p.add_argument("--methods", type=_csv(str), metavar="M,M,...",
-                   help="methods: lora, agl, no_fisher, no_task, no_collision, overlap_only, geodesic_only, ewc")
+                   help="methods: lora, agl, no_fisher, no_task, no_collision, overlap_only, geodesic_only, ewc, "
+                        "safe_lora")
     p.add_argument("--steps", type=int, metavar="N", help="fine-tune steps per run")
     p.add_argument("--lr", type=float, help="fine-tune learning rate")
-    p.add_argument("--lambda-align", type=float, dest="lambda_align", help="AGL λ_A")
-    p.add_argument("--ewc-lambda", type=float, dest="ewc_lambda", help="EWC baseline λ")
+    p.add_argument("--lambda-align", type=float, dest="lambda_align",
+                   help="λ_A of AGL and λ of EWC (= --set agl.lambda_align=...; any AGLConfig field: --set agl.FIELD=V)")
+    p.add_argument("--align-budget", type=float, dest="align_budget",
+                   help="AGL's budget mode: predicted alignment-loss rise allowed, nats (= --set agl.align_budget=...)")
     p.add_argument("--sweep-agl", type=_csv(float), dest="sweep_agl", metavar="L,L,...",
-                   help="λ_A values for the EWC-vs-AGL frontier (calibration ΔL_align vs task dev EM)")
-    p.add_argument("--sweep-ewc", type=_csv(float), dest="sweep_ewc", metavar="L,L,...", help="EWC λ values")
+                   help="λ_A grid for AGL's frontier (trained on --sweep-seeds, dev EM + eval numbers)")
+    p.add_argument("--sweep-budget", type=_csv(float), dest="sweep_budget", metavar="E,E,...",
+                   help="align_budget grid (nats) for AGL's frontier")
+    p.add_argument("--sweep-ewc", type=_csv(float), dest="sweep_ewc", metavar="L,L,...", help="EWC λ grid")
+    p.add_argument("--sweep-seeds", type=_csv(int), dest="sweep_seeds", metavar="S,S,...",
+                   help="seeds of the grids (default: --seeds)")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
     p.add_argument("--set", type=_set_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other config field (JSON value), e.g. --set eval_n_unsafe=64; repeatable")
@@ -58,7 +65,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("out", "model", "device", "dtype", "seeds", "ablation_seeds", "methods", "steps", "lr",
-                "lambda_align", "ewc_lambda", "sweep_agl", "sweep_ewc", "threads")
+                "sweep_agl", "sweep_budget", "sweep_ewc", "sweep_seeds", "threads")
+_AGL_FLAGS = ("lambda_align", "align_budget")  # flags that set a field of the embedded AGLConfig
 
 
 def config_from_args(args, base=None):
@@ -66,6 +74,7 @@ def config_from_args(args, base=None):
     from agl.experiment.config import load_config
 
     overrides = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
+    overrides.update({f"agl.{k}": getattr(args, k) for k in _AGL_FLAGS if getattr(args, k, None) is not None})
     overrides.update(dict(args.set))
     try:
         return load_config(args.config, overrides, base=base)
@@ -86,8 +95,15 @@ def print_summary(result: dict, file=sys.stdout) -> None:
     print(f"Aligned start: RR_unsafe {pct(a['rr_unsafe'])}, over-refusal {pct(a['over_refusal'])}, "
           f"task EM {pct(a['task_em'])}", file=file)
     print(markdown_table(rep), file=file)
+    vs = (rep.get("frontier") or {}).get("agl_vs_ewc")
+    if vs:
+        print(f"AGL vs EWC at EWC's dev-chosen point ({vs['ewc_operating_point']}): RR_unsafe-after gain "
+              f"{pct(vs['rr_gain_at_matched_em'])} [{pct(vs['ci95'][0])}, {pct(vs['ci95'][1])}], p = {vs['p_value']:.3g}",
+              file=file)
+    from agl.experiment.report import goal_line
+
     for k, v in rep.get("goals", {}).items():
-        print(f"  goal {k}: {'met' if v else 'NOT met'}", file=file)
+        print(" " + goal_line(k, v), file=file)
     built = [n for n, s in result["stages"].items() if s["built"]]
     print(f"\n{len(built)} stage(s) built, {len(result['stages']) - len(built)} cached; "
           f"total {result['seconds'] / 60:.1f} min. Report: {os.path.join(result['out'], 'report')}/", file=file)

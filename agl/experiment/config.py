@@ -13,12 +13,16 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
+from agl.loss import AGLConfig
+
 __all__ = [
-    "ABLATIONS", "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "demo_config", "load_config", "stable_hash", "method_settings",
+    "ABLATIONS", "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "agl_settings", "demo_config", "load_config",
+    "method_settings", "stable_hash",
 ]
 
 # the methods, in report order
-ALL_METHODS = ("lora", "agl", "no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only", "ewc")
+ALL_METHODS = ("lora", "agl", "no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only", "ewc",
+               "safe_lora")
 ABLATIONS = ("no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only")
 
 
@@ -78,17 +82,9 @@ class ExperimentConfig:
     batch: int = 8
     targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     log_every: int = 5  # alignment loss on the held-out refusal demos every K steps
-    # AGL (agl.loss.AGLConfig); the ablations are derived from these in method_settings()
-    lambda_align: float = 1e5
-    lambda_task: float = 1e3
-    lambda_collision: float = 1.0
-    alpha: float = 0.5
-    beta: float = 4.0
-    tau: float = 0.01
-    sharpness: float = 100.0
-    backend: str = "auto"
-    # EWC baseline: lambda * mean_layers mean(F ⊙ ΔW²)
-    ewc_lambda: float = 1e5
+    # the regulariser: one agl.loss.AGLConfig (its defaults are the package's); every method is a
+    # dataclasses.replace of it (method_settings); keys `agl.<field>` or a table [experiment.agl] set its fields
+    agl: AGLConfig = field(default_factory=AGLConfig)
 
     # --- stage 4: evaluation
     eval_split: str = "eval"
@@ -103,12 +99,22 @@ class ExperimentConfig:
     # --- stage 5: law fit
     law_with_offset: bool = False
 
-    # --- optional λ sweep (EWC-vs-AGL frontier, measured on calibration data and the task dev split)
-    sweep_agl: List[float] = field(default_factory=list)
-    sweep_ewc: List[float] = field(default_factory=list)
-    sweep_seed: int = 0
+    # --- frontier: grids of settings, each trained on `sweep_seeds` (None: `seeds`), evaluated on the task dev
+    # split (for choosing) and, with `sweep_eval`, on the eval split (for the frontier's numbers)
+    sweep_agl: List[float] = field(default_factory=list)  # λ_A values for AGL
+    sweep_budget: List[float] = field(default_factory=list)  # align_budget values (nats) for AGL
+    sweep_ewc: List[float] = field(default_factory=list)  # λ values for EWC (AGLConfig.ewc)
+    sweep_seeds: Optional[List[int]] = None
+    sweep_eval: bool = True
+    frontier_agl: str = "auto"  # AGL's frontier curve: "lambda", "budget", or "auto" (budget when swept)
+    # the pre-registered operating-point rule: the strongest setting whose dev EM >= LoRA's dev EM - this
+    em_tolerance: float = 0.02
+    # Safe LoRA: candidate thresholds = the similarity quantiles that project these fractions of the layers
+    safe_lora_fractions: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0])
 
     def __post_init__(self):
+        if isinstance(self.agl, dict):  # from a file or asdict()
+            self.agl = agl_config_from_dict(self.agl)
         self.validate()
 
     def validate(self) -> None:
@@ -117,10 +123,13 @@ class ExperimentConfig:
             raise ValueError(f"unknown method(s) {bad}; choose from {list(ALL_METHODS)}")
         if not self.methods:
             raise ValueError("`methods` is empty")
+        if "safe_lora" in self.methods and "lora" not in self.methods:
+            raise ValueError("`methods`: safe_lora projects the LoRA fine-tunes, so it needs 'lora' too")
         if not self.seeds:
             raise ValueError("`seeds` is empty")
-        if self.ablation_seeds is not None and not self.ablation_seeds:
-            raise ValueError("`ablation_seeds` is empty (use null for the same seeds as `seeds`)")
+        for name in ("ablation_seeds", "sweep_seeds"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                raise ValueError(f"`{name}` is empty (use null for the same seeds as `seeds`)")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"`device` must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -131,10 +140,20 @@ class ExperimentConfig:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)!r}")
         if self.log_every > self.steps:
             raise ValueError(f"`log_every` ({self.log_every}) is larger than `steps` ({self.steps})")
+        if not isinstance(self.agl, AGLConfig):
+            raise ValueError(f"`agl` must be an agl.AGLConfig or a table of its fields, got {type(self.agl).__name__}")
+        agl_settings(self.agl)  # JSON-able (a file cannot hold a task-Fisher state or a callable layer filter)
+        if self.frontier_agl not in ("auto", "lambda", "budget"):
+            raise ValueError(f"`frontier_agl` must be auto, lambda or budget, got {self.frontier_agl!r}")
+        if any(not 0.0 < f <= 1.0 for f in self.safe_lora_fractions) or not self.safe_lora_fractions:
+            raise ValueError(f"`safe_lora_fractions` must be fractions in (0, 1], got {self.safe_lora_fractions!r}")
+        if any(v < 0 for v in self.sweep_agl + self.sweep_ewc + self.sweep_budget):
+            raise ValueError("`sweep_agl`, `sweep_ewc`, `sweep_budget` must be >= 0")
 
     # -- serialisation
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "agl"}
+        return {**json.loads(json.dumps(d)), "agl": agl_settings(self.agl)}
 
     def replace(self, **kw) -> "ExperimentConfig":
         return dataclasses.replace(self, **kw)
@@ -145,12 +164,16 @@ class ExperimentConfig:
             return list(self.ablation_seeds)
         return list(self.seeds)
 
+    def grid_seeds(self) -> List[int]:
+        return list(self.sweep_seeds if self.sweep_seeds is not None else self.seeds)
+
     def key(self, names: Sequence[str]) -> Dict[str, Any]:
         return {n: getattr(self, n) for n in names}
 
 
 # which fields each stage depends on (besides its upstream stages' keys); `out`, `device`, `threads`, `n_boot` and
-# batch sizes for inference are left out on purpose: they do not change the artefact (up to float rounding)
+# batch sizes for inference are left out on purpose: they do not change the artefact (up to float rounding). The
+# fine-tunes' keys also hold their method's whole AGLConfig (method_settings), so every AGL field is in them.
 STAGE_FIELDS = {
     "aligned_start": ["model", "dtype", "prompts", "refusals", "align_n_unsafe", "align_n_safe", "align_holdout",
                       "align_steps", "align_rank", "align_lr", "align_batch", "align_targets",
@@ -159,36 +182,78 @@ STAGE_FIELDS = {
     "alignment_state": ["fisher_samples", "fisher_kind", "fisher_energy", "fisher_max_rank", "rank", "lora_alpha",
                         "targets"],
     "task_data": ["task_train", "task_dev", "task_test", "task_seed"],
-    "finetune": ["steps", "lr", "rank", "lora_alpha", "batch", "targets", "log_every", "max_length", "backend"],
+    "finetune": ["steps", "lr", "rank", "lora_alpha", "batch", "targets", "log_every", "max_length"],
     "evaluate": ["eval_split", "eval_n_unsafe", "eval_n_safe", "eval_max_new_tokens", "task_max_new_tokens"],
+    "dev": ["task_max_new_tokens"],
+    "safe_lora": ["safe_lora_fractions", "em_tolerance", "task_max_new_tokens"],
 }
 
-# bump when generation changes in a way that invalidates evaluation artefacts (2: stop at the chat end-of-turn token)
-EVAL_VERSION = 2
+# bump when generation changes in a way that invalidates evaluation artefacts (2: stop at the chat end-of-turn token;
+# 3: generation through agl.driftcaps.harness)
+EVAL_VERSION = 3
+
+# the ablations: what each changes in the AGL config (a budget is a λ_A, so it goes wherever λ_A goes to 0)
+ABLATION_CHANGES = {
+    "no_fisher": {"lambda_align": 0.0},
+    "no_task": {"lambda_task": 0.0},
+    "no_collision": {"lambda_collision": 0.0},
+    "overlap_only": {"alpha": 1.0, "lambda_align": 0.0, "lambda_task": 0.0},
+    "geodesic_only": {"alpha": 0.0, "lambda_align": 0.0, "lambda_task": 0.0},
+}
 
 
-def method_settings(cfg: ExperimentConfig, method: str, *, lam: Optional[float] = None) -> Dict[str, Any]:
-    """The regulariser settings of one method. ``lam`` overrides the method's main λ (λ_A for AGL, λ for EWC)."""
-    lam_a = cfg.lambda_align if lam is None else float(lam)
-    agl = dict(kind="agl", lambda_align=lam_a, lambda_task=cfg.lambda_task, lambda_collision=cfg.lambda_collision,
-               alpha=cfg.alpha, beta=cfg.beta, tau=cfg.tau, sharpness=cfg.sharpness)
-    if method == "lora":
-        return dict(kind="lora")
+def agl_settings(c: AGLConfig) -> Dict[str, Any]:
+    """The AGL config as a JSON-able dict of all its fields (what the fine-tune stages hash)."""
+    out = {}
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if isinstance(v, (frozenset, set, tuple)):
+            v = sorted(v)
+        if f.name == "task_metric" and not isinstance(v, str):
+            raise ValueError("`agl.task_metric`: the experiment supports 'ones' only (a task-Fisher state cannot be "
+                             "stored in the config)")
+        if callable(v):
+            raise ValueError(f"`agl.{f.name}`: a callable cannot be stored in the config; use a regex or names")
+        out[f.name] = v
+    return out
+
+
+def agl_config_from_dict(d: Dict[str, Any]) -> AGLConfig:
+    """An AGLConfig from a table of its fields; unknown keys raise a ValueError naming them."""
+    if not isinstance(d, dict):
+        raise ValueError(f"`agl` must be a table of AGLConfig fields, got {type(d).__name__}")
+    names = {f.name for f in fields(AGLConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join('agl.' + k for k in unknown)} (AGLConfig fields: "
+                         f"{', '.join(sorted(names))})")
+    return AGLConfig(**d)
+
+
+def method_settings(cfg: ExperimentConfig, method: str, *, lam: Optional[float] = None,
+                    budget: Optional[float] = None) -> Optional[AGLConfig]:
+    """The regulariser of one method as an AGLConfig (None: no regulariser; ``lora`` and ``safe_lora``, which
+    projects LoRA's update after training). ``lam`` overrides λ_A (AGL) or λ (EWC); ``budget`` sets AGL's
+    ``align_budget``. EWC is ``AGLConfig.ewc``: the Fisher penalty on the whole ΔW, every other term off."""
+    if method in ("lora", "safe_lora"):
+        return None
+    base = cfg.agl if lam is None else dataclasses.replace(cfg.agl, lambda_align=float(lam))
+    if budget is not None:
+        base = dataclasses.replace(base, align_budget=float(budget))
     if method == "agl":
-        return agl
-    if method == "no_fisher":
-        return {**agl, "lambda_align": 0.0}
-    if method == "no_task":
-        return {**agl, "lambda_task": 0.0}
-    if method == "no_collision":
-        return {**agl, "lambda_collision": 0.0}
-    if method == "overlap_only":
-        return {**agl, "alpha": 1.0, "lambda_align": 0.0, "lambda_task": 0.0}
-    if method == "geodesic_only":
-        return {**agl, "alpha": 0.0, "lambda_align": 0.0, "lambda_task": 0.0}
+        return base
+    if method in ABLATION_CHANGES:
+        change = dict(ABLATION_CHANGES[method])
+        if change.get("lambda_align") == 0.0 and getattr(base, "align_budget", None) is not None:
+            change["align_budget"] = None
+        return dataclasses.replace(base, **change)
     if method == "ewc":
-        return dict(kind="ewc", lambda_ewc=cfg.ewc_lambda if lam is None else float(lam))
+        return AGLConfig.ewc(**{k: v for k, v in agl_settings(base).items() if k not in _EWC_FIXED})
     raise ValueError(f"unknown method {method!r}")
+
+
+# what AGLConfig.ewc fixes; EWC takes every other field (λ or budget, units, numerics) from the experiment's AGL config
+_EWC_FIXED = ("subspaces", "lambda_task", "lambda_collision")
 
 
 def _read_file(path: str) -> Dict[str, Any]:
@@ -209,32 +274,53 @@ def _read_file(path: str) -> Dict[str, Any]:
     return data
 
 
+def _merge_agl(base: AGLConfig, data: Dict[str, Any]) -> Dict[str, Any]:
+    """Folds the AGL keys of ``data`` (a table ``agl`` and/or dotted keys ``agl.<field>``) into one AGLConfig."""
+    table = dict(agl_settings(base))
+    if "agl" in data:
+        sub = data.pop("agl")
+        if isinstance(sub, AGLConfig):
+            table = dict(agl_settings(sub))
+        elif isinstance(sub, dict):
+            table.update(sub)
+        else:
+            raise ValueError(f"`agl` must be a table of AGLConfig fields, got {type(sub).__name__}")
+    for k in [k for k in data if k.startswith("agl.")]:
+        table[k[4:]] = data.pop(k)
+    return {**data, "agl": agl_config_from_dict(table)}
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
                 base: Optional[ExperimentConfig] = None) -> ExperimentConfig:
     """``base`` (default: the full experiment's defaults), then the file's keys, then ``overrides`` (flags; ``None``
-    values are ignored). Unknown keys raise a ValueError naming them."""
+    values are ignored). AGL fields: a table ``agl`` ([experiment.agl] in TOML) or dotted keys ``agl.lambda_align``
+    (a file's table first, then dotted overrides). Unknown keys raise a ValueError naming them."""
     cfg = base or ExperimentConfig()
     data: Dict[str, Any] = {}
     if path:
         data.update(_read_file(path))
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "agl" in data and "agl" in over:  # two tables: the flags' entries win field by field
+        data["agl"] = {**dict(data["agl"]), **dict(over.pop("agl"))}
+    data.update(over)
     names = {f.name for f in fields(ExperimentConfig)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(k for k in set(data) - names if not k.startswith("agl."))
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
-    return dataclasses.replace(cfg, **data)
+    return dataclasses.replace(cfg, **_merge_agl(cfg.agl, data))
 
 
 def demo_config(**overrides) -> ExperimentConfig:
-    """The small pipeline `agl demo` runs: one seed, LoRA vs AGL, an eval subset, sized for a 2-core CPU."""
+    """The small pipeline `agl demo` runs: one seed, LoRA vs AGL, an eval subset, sized for a 2-core CPU (see
+    docs/EXPERIMENT.md for what each cut saves). AGL at the package defaults."""
     cfg = ExperimentConfig(
         out="runs/demo",
         seeds=[0],
         methods=["lora", "agl"],
         steps=30,
-        log_every=3,
+        log_every=6,  # 5 ΔL_align probes per fine-tune (was 10): each probe is ~1 training step of compute
         fisher_samples=48,
-        task_test=300,
+        task_test=200,  # each evaluation's task part: 2/3 of the former 300 questions (EM still with a CI)
         task_dev=100,
         task_max_new_tokens=8,
         eval_n_unsafe=48,
@@ -242,4 +328,4 @@ def demo_config(**overrides) -> ExperimentConfig:
         eval_max_new_tokens=32,
         n_boot=500,
     )
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return load_config(None, overrides, base=cfg)

@@ -6,9 +6,12 @@ Artefacts under ``cfg.out``::
     eval_start/               the aligned start on the DriftCaps eval prompts and the task test split
     alignment_state/          stage 2: agl.AlignmentState of the aligned start (task LoRA layout)
     task_data/                stage 3: the generated task (train/dev/test)
-    finetune/<method>-s<seed>/    stage 3: LoRA adapter + training log (alignment-loss curve)
-    evaluate/<method>-s<seed>/    stage 4: DriftCaps records + task exact-match
-    sweep/<kind>-l<λ>/        optional λ sweep (calibration ΔL_align + task dev EM)
+    finetune/<run>-s<seed>/   stage 3: LoRA adapter + training log (measured and predicted alignment-loss rise);
+                              <run> = a method, or a frontier grid point (agl-l<λ>, agl-b<budget>, ewc-l<λ>);
+                              safe_lora = LoRA's adapter projected (no training)
+    evaluate/<run>-s<seed>/   stage 4: DriftCaps records + task exact-match (eval split / task test split)
+    dev/<run>-s<seed>/        task dev EM (what the pre-registered operating-point rule reads)
+    safe_lora/threshold/      Safe LoRA's threshold, chosen on dev data
     report/                   stages 5-6: report.json, report.md, PNG plots
     work/                     resumable generation caches (safe to delete)
 
@@ -17,20 +20,18 @@ The model is loaded only when some stage has to be built, so a fully cached re-r
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from agl.experiment.config import EVAL_VERSION, STAGE_FIELDS, ExperimentConfig, method_settings
-from agl._io import atomic_write_json
+from agl._io import atomic_write_json, read_jsonl
+from agl.experiment.config import ExperimentConfig
+from agl.experiment.plan import settings_from_key, stage_plan
 from agl.experiment.stages import Stage, StageResult
 
 __all__ = ["run_pipeline", "Context"]
-
-
-def _fmt_lam(x: float) -> str:
-    return f"{x:g}".replace("+", "")
 
 
 class Context:
@@ -48,6 +49,7 @@ class Context:
         self._tok = None
         self._aligned = None
         self.stages: Dict[str, Stage] = {}
+        self.provenance: Optional[dict] = None
         self.results: Dict[str, StageResult] = {}
 
     # -- models
@@ -151,44 +153,6 @@ def _read_json(path: str):
         return json.load(fh)
 
 
-def _stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
-    """Every stage with its cache key (its config fields + its upstream stages' hashes)."""
-    S: Dict[str, Stage] = {}
-    root = cfg.out
-
-    def add(name, fields_of, upstream=(), extra=None):
-        key = {"fields": cfg.key(STAGE_FIELDS[fields_of]) if fields_of else {},
-               "upstream": {u: S[u].hash for u in upstream}, **(extra or {})}
-        S[name] = Stage(root, name, key)
-
-    add("task_data", "task_data")
-    add("aligned_start", "aligned_start")
-    add("eval_start", "eval_start", ["aligned_start", "task_data"],
-        extra={"task_max_new_tokens": cfg.task_max_new_tokens, "eval_version": EVAL_VERSION})
-    add("alignment_state", "alignment_state", ["aligned_start"])
-    for m in cfg.methods:
-        st = method_settings(cfg, m)
-        up = ["aligned_start", "task_data"] + (["alignment_state"] if st["kind"] != "lora" else [])
-        for s in cfg.seeds_for(m):
-            add(f"finetune/{m}-s{s}", "finetune", up, extra={"settings": st, "seed": s})
-            add(f"evaluate/{m}-s{s}", "evaluate", [f"finetune/{m}-s{s}", "task_data"],
-                extra={"eval_version": EVAL_VERSION})
-    for kind, lams in (("agl", cfg.sweep_agl), ("ewc", cfg.sweep_ewc)):
-        for lam in lams:
-            st = method_settings(cfg, kind, lam=lam)
-            add(f"sweep/{kind}-l{_fmt_lam(lam)}", "finetune", ["aligned_start", "task_data", "alignment_state"],
-                extra={"settings": st, "seed": cfg.sweep_seed, "task_max_new_tokens": cfg.task_max_new_tokens})
-    if cfg.sweep_agl or cfg.sweep_ewc:
-        add("sweep/lora-l0", "finetune", ["aligned_start", "task_data"],
-            extra={"settings": method_settings(cfg, "lora"), "seed": cfg.sweep_seed,
-                   "task_max_new_tokens": cfg.task_max_new_tokens})
-    up = [n for n in S]
-    add("report", None, up, extra={"n_boot": cfg.n_boot, "law_with_offset": cfg.law_with_offset,
-                                   "methods": list(cfg.methods),
-                                   "seeds": {m: cfg.seeds_for(m) for m in cfg.methods}})
-    return S
-
-
 # ----------------------------------------------------------------------------------------------- stage builders
 def _build_aligned_start(ctx: Context, stage: Stage):
     from agl.experiment.align_start import train_aligned_start
@@ -227,8 +191,6 @@ def _build_eval_start(ctx: Context, stage: Stage):
 
 
 def _holdout(ctx: Context) -> List[dict]:
-    from agl._io import read_jsonl
-
     return read_jsonl(os.path.join(ctx.stages["aligned_start"].path, "holdout.jsonl"))
 
 
@@ -239,7 +201,6 @@ def _build_alignment_state(ctx: Context, stage: Stage):
         import torch
         from peft import get_peft_model
 
-        from agl._io import read_jsonl
         from agl.experiment._common import chat_batches, lora_config
         from agl.fisher import estimate_alignment_state
 
@@ -279,65 +240,121 @@ def _build_task_data(ctx: Context, stage: Stage):
     return build
 
 
-def _train(ctx: Context, settings: dict, seed: int, desc: str):
-    from agl.experiment.train import finetune
-
-    cfg = ctx.cfg
-    aligned, tok = ctx.aligned()
-    state = _load_state(ctx) if settings["kind"] != "lora" else None
-    train = [{"prompt": r["prompt"], "response": r["answer"]} for r in _task_records(ctx, "train")]
-    return finetune(aligned, tok, train, _holdout(ctx), settings=settings, state=state, seed=seed, steps=cfg.steps,
-                    lr=cfg.lr, rank=cfg.rank, lora_alpha=cfg.lora_alpha, batch=cfg.batch, targets=cfg.targets,
-                    log_every=cfg.log_every, max_length=cfg.max_length, device=cfg.device, backend=cfg.backend,
-                    progress=ctx.progress, desc=desc)
-
-
-def _build_finetune(ctx: Context, stage: Stage, method: str, seed: int):
+def _build_finetune(ctx: Context, stage: Stage, run: str, seed: int):
     def build(tmp):
-        model, log = _train(ctx, stage.key["settings"], seed, desc=f"train {method} s{seed}")
+        from agl.experiment.train import finetune
+
+        cfg = ctx.cfg
+        aligned, tok = ctx.aligned()
+        train = [{"prompt": r["prompt"], "response": r["answer"]} for r in _task_records(ctx, "train")]
+        model, log = finetune(aligned, tok, train, _holdout(ctx), settings=settings_from_key(stage.key["settings"]),
+                              state=_load_state(ctx), seed=seed, steps=cfg.steps, lr=cfg.lr, rank=cfg.rank,
+                              lora_alpha=cfg.lora_alpha, batch=cfg.batch, targets=cfg.targets,
+                              log_every=cfg.log_every, max_length=cfg.max_length, device=cfg.device,
+                              progress=ctx.progress, desc=f"train {run} s{seed}")
         model.save_pretrained(os.path.join(tmp, "adapter"))
-        atomic_write_json(os.path.join(tmp, "train_log.json"), {"method": method, **log})
+        atomic_write_json(os.path.join(tmp, "train_log.json"), {"method": run, **log})
 
     return build
 
 
-def _build_evaluate(ctx: Context, stage: Stage, method: str, seed: int):
+def _build_evaluate(ctx: Context, stage: Stage, run: str, seed: int):
     def build(tmp):
-        model, tok = ctx.tuned(method, seed)
+        model, tok = ctx.tuned(run, seed)
         _evaluate_into(ctx, model, tok, ctx.work(stage.name, stage), tmp)
 
     return build
 
 
-def _same_training(ctx: Context, settings: dict, seed: int) -> Optional[str]:
-    """The method whose main-run fine-tune (``finetune/<method>-s<seed>``) trained with exactly these regulariser
-    settings and this seed and is complete, or None. Its training is what the sweep point would repeat (same fields,
-    data order and seed), so the sweep only adds the dev-split evaluation."""
-    for m in ctx.cfg.methods:
-        name = f"finetune/{m}-s{seed}"
-        st = ctx.stages.get(name)
-        if st is not None and st.key["settings"] == settings and st.status() is None:
-            return m
-    return None
-
-
-def _build_sweep(ctx: Context, stage: Stage):
+def _dev_em(ctx: Context, model, desc: str, cache: Optional[str] = None) -> dict:
     from agl.experiment.evaluation import task_eval
 
+    cfg = ctx.cfg
+    return task_eval(model, ctx._tok, _task_records(ctx, "dev"), max_new_tokens=cfg.task_max_new_tokens,
+                     batch_size=cfg.task_eval_batch, device=cfg.device, progress=ctx.progress, desc=desc, cache=cache)
+
+
+def _build_dev(ctx: Context, stage: Stage, run: str, seed: int):
+    """Task dev EM of one fine-tune (what the operating-point rule reads), with its calibration ΔL_align."""
+
     def build(tmp):
+        model, _ = ctx.tuned(run, seed)
+        task = _dev_em(ctx, model, f"dev EM {run} s{seed}", os.path.join(ctx.work(stage.name, stage), "dev.jsonl"))
+        log = _read_json(os.path.join(ctx.stages[f"finetune/{run}-s{seed}"].path, "train_log.json"))
+        atomic_write_json(os.path.join(tmp, "dev.json"), {
+            "run": run, "seed": seed, "dev_em": task["em"], "n": task["n"],
+            "delta_align_loss": log["curve"][-1]["delta_align_loss"]})
+
+    return build
+
+
+def _build_safe_lora_threshold(ctx: Context, stage: Stage):
+    """Safe LoRA's threshold by the pre-registered rule, on dev data: candidate thresholds project the fractions
+    ``safe_lora_fractions`` of the (pooled over seeds) layers; the strongest candidate whose mean dev EM is within
+    ``em_tolerance`` of LoRA's is chosen (none: nothing is projected)."""
+
+    def build(tmp):
+        from agl.experiment import safe_lora as sl
+        from agl.experiment.frontier import choose_operating_point
+
         cfg = ctx.cfg
-        method, source = _same_training(ctx, stage.key["settings"], cfg.sweep_seed), None
-        if method is not None:  # a main run trained exactly this: evaluate its adapter on the dev split
-            source = f"finetune/{method}-s{cfg.sweep_seed}"
-            model, _ = ctx.tuned(method, cfg.sweep_seed)
-            log = _read_json(os.path.join(ctx.stages[source].path, "train_log.json"))
-        else:
-            model, log = _train(ctx, stage.key["settings"], cfg.sweep_seed, desc=f"sweep {stage.name[6:]}")
-        task = task_eval(model, ctx._tok, _task_records(ctx, "dev"), max_new_tokens=cfg.task_max_new_tokens,
-                         batch_size=cfg.task_eval_batch, device=cfg.device, progress=ctx.progress, desc="dev EM")
-        atomic_write_json(os.path.join(tmp, "sweep.json"), {
-            "settings": stage.key["settings"], "source": source or "trained", "dev_em": task["em"],
-            "delta_align_loss": log["curve"][-1]["delta_align_loss"], "curve": log["curve"]})
+        seeds = stage.key["seeds"]
+        base, _ = ctx.base()
+        proj, sims = None, {}
+        for s in seeds:
+            model, _ = ctx.tuned("lora", s)
+            proj = proj or sl.alignment_projections(model, base)
+            sims[s] = sl.layer_similarities(model, proj)
+            del model
+        pooled = [v for d in sims.values() for v in d.values()]
+        taus = sl.candidate_thresholds(pooled, cfg.safe_lora_fractions)
+        cands = []
+        for f, tau in zip(cfg.safe_lora_fractions, taus):
+            ems = []
+            for s in seeds:
+                model, _ = ctx.tuned("lora", s)
+                sl.apply_projection(model, proj, tau)
+                ems.append(_dev_em(ctx, model, f"Safe LoRA dev τ={tau:.3g} s{s}")["em"])
+                del model
+            cands.append({"fraction": f, "tau": tau, "strength": f, "dev_em": sum(ems) / len(ems), "dev_em_per_seed": ems})
+        lora_em = [_read_json(os.path.join(ctx.stages[f"dev/lora-s{s}"].path, "dev.json"))["dev_em"] for s in seeds]
+        lora_dev_em = sum(lora_em) / len(lora_em)
+        pick = choose_operating_point(cands, lora_dev_em, cfg.em_tolerance)
+        atomic_write_json(os.path.join(tmp, "threshold.json"), {
+            "tau": None if pick is None else pick["tau"], "fraction": None if pick is None else pick["fraction"],
+            "rule": f"the largest fraction of projected layers whose mean dev EM >= LoRA's - {cfg.em_tolerance}",
+            "lora_dev_em": lora_dev_em, "candidates": cands,
+            "similarities": {str(s): d for s, d in sims.items()}})
+
+    return build
+
+
+def _build_safe_lora(ctx: Context, stage: Stage, seed: int):
+    """The LoRA fine-tune of ``seed`` projected at the chosen threshold; its log holds the measured and predicted
+    rise of the alignment loss before and after the projection."""
+
+    def build(tmp):
+        from agl.experiment import safe_lora as sl
+        from agl.experiment._common import chat_batches, mean_nll
+        from agl.experiment.train import AlignmentProbe
+
+        cfg = ctx.cfg
+        th = _read_json(os.path.join(ctx.stages["safe_lora/threshold"].path, "threshold.json"))
+        log = _read_json(os.path.join(ctx.stages[f"finetune/lora-s{seed}"].path, "train_log.json"))
+        model, tok = ctx.tuned("lora", seed)
+        base, _ = ctx.base()
+        proj = sl.alignment_projections(model, base)
+        layers = sl.apply_projection(model, proj, -math.inf if th["tau"] is None else th["tau"])
+        hold = chat_batches(tok, _holdout(ctx), cfg.max_length, 16)
+        L0, before = log["curve"][0]["align_loss"], log["curve"][-1]
+        after = {"step": before["step"], "tokens": before["tokens"], "align_loss": mean_nll(model, hold, cfg.device),
+                 **AlignmentProbe(model, _load_state(ctx))()}
+        after["delta_align_loss"] = after["align_loss"] - L0
+        model.save_pretrained(os.path.join(tmp, "adapter"))
+        atomic_write_json(os.path.join(tmp, "train_log.json"), {
+            **log, "method": "safe_lora", "source": f"finetune/lora-s{seed}",
+            "projection": {"tau": th["tau"], "n_projected": sum(v["projected"] for v in layers.values()),
+                           "n_layers": len(layers), "layers": layers, "before": before, "after": after}})
 
     return build
 
@@ -346,9 +363,37 @@ def _build_report(ctx: Context, stage: Stage):
     from agl.experiment.report import build_report
 
     def build(tmp):
-        build_report(ctx.cfg, {n: s.path for n, s in ctx.stages.items() if n != "report"}, tmp)
+        build_report(ctx.cfg, {n: s.path for n, s in ctx.stages.items() if n != "report"}, tmp,
+                     provenance=ctx.provenance)
 
     return build
+
+
+def _builder(ctx: Context, name: str):
+    stage = ctx.stages[name]
+    fixed = {"aligned_start": _build_aligned_start, "eval_start": _build_eval_start,
+             "alignment_state": _build_alignment_state, "task_data": _build_task_data,
+             "safe_lora/threshold": _build_safe_lora_threshold, "report": _build_report}
+    if name in fixed:
+        return fixed[name](ctx, stage)
+    kind, rest = name.split("/", 1)
+    run, seed = rest.rsplit("-s", 1)
+    if kind == "finetune" and run == "safe_lora":
+        return _build_safe_lora(ctx, stage, int(seed))
+    return {"finetune": _build_finetune, "evaluate": _build_evaluate, "dev": _build_dev}[kind](ctx, stage, run, int(seed))
+
+
+def _run_order(cfg: ExperimentConfig, stages: Dict[str, Stage]) -> List[str]:
+    """The plan's order (already topological), except that the main methods' fine-tunes and evaluations go seed by
+    seed, so an interrupted run already has complete seeds."""
+    head = ["task_data", "aligned_start", "eval_start", "alignment_state"]
+    main = []
+    for seed in dict.fromkeys([*cfg.seeds, *(cfg.ablation_seeds or [])]):
+        for m in cfg.methods:
+            if m != "safe_lora" and seed in cfg.seeds_for(m):
+                main += [f"finetune/{m}-s{seed}", f"evaluate/{m}-s{seed}"]
+    rest = [n for n in stages if n not in head and n not in main and n != "report"]
+    return head + main + rest + ["report"]
 
 
 def run_pipeline(cfg: ExperimentConfig, *, model_factory: Optional[Callable] = None, progress: bool = True,
@@ -357,39 +402,19 @@ def run_pipeline(cfg: ExperimentConfig, *, model_factory: Optional[Callable] = N
     "report": the report dict, "seconds"}``."""
     from tqdm.auto import tqdm
 
+    from agl._provenance import provenance
+
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     atomic_write_json(os.path.join(cfg.out, "config.json"), cfg.to_dict())
     ctx = Context(cfg, model_factory, progress, log)
-    ctx.stages = _stage_plan(cfg)
-    builders = {
-        "aligned_start": _build_aligned_start, "eval_start": _build_eval_start,
-        "alignment_state": _build_alignment_state, "task_data": _build_task_data,
-    }
-    order = ["task_data", "aligned_start", "eval_start", "alignment_state"]
-    all_seeds = dict.fromkeys([*cfg.seeds, *(cfg.ablation_seeds or [])])  # ordered, no repeats
-    for seed in all_seeds:  # seed by seed, so an interrupted run already has complete seeds
-        for m in cfg.methods:
-            if seed in cfg.seeds_for(m):
-                order += [f"finetune/{m}-s{seed}", f"evaluate/{m}-s{seed}"]
-    order += [n for n in ctx.stages if n.startswith("sweep/")]
-    order += ["report"]
+    ctx.provenance = provenance()  # at the start: the load the run started under
+    ctx.stages = stage_plan(cfg)
     summary = {}
-    bar = tqdm(order, desc="stages", disable=not progress, unit="stage")
+    bar = tqdm(_run_order(cfg, ctx.stages), desc="stages", disable=not progress, unit="stage")
     for name in bar:
-        stage = ctx.stages[name]
         bar.set_postfix_str(name)
-        if name in builders:
-            build = builders[name](ctx, stage)
-        elif name.startswith("finetune/") or name.startswith("evaluate/"):
-            method, seed = name.split("/", 1)[1].rsplit("-s", 1)
-            fn = _build_finetune if name.startswith("finetune/") else _build_evaluate
-            build = fn(ctx, stage, method, int(seed))
-        elif name.startswith("sweep/"):
-            build = _build_sweep(ctx, stage)
-        else:
-            build = _build_report(ctx, stage)
-        res = stage.run(build)
+        res = ctx.stages[name].run(_builder(ctx, name))
         ctx.results[name] = res
         summary[name] = {"built": res.built, "seconds": round(res.seconds, 1), "reason": res.reason}
         if res.built:

@@ -1,0 +1,120 @@
+"""The experiment's plan: every stage, its cache key (config fields + upstream hashes) and the runs that train the
+frontier grids. No model, no I/O: ``stage_plan(cfg)`` is what ``run_pipeline`` executes, in this order."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from agl.experiment.config import (EVAL_VERSION, STAGE_FIELDS, ExperimentConfig, agl_config_from_dict, agl_settings,
+                                   method_settings, stable_hash)
+from agl.experiment.stages import Stage
+
+__all__ = ["settings_key", "settings_from_key", "grid_points", "run_names", "stage_plan"]
+
+
+def _fmt_lam(x: float) -> str:
+    return f"{x:g}".replace("+", "")
+
+
+def settings_key(settings) -> dict:
+    """A fine-tune's regulariser as a JSON-able stage key: ``{"kind": "lora"}`` or ``{"kind": "agl", **fields}``."""
+    return {"kind": "lora"} if settings is None else {"kind": "agl", **agl_settings(settings)}
+
+
+def settings_from_key(key: dict):
+    return None if key["kind"] == "lora" else agl_config_from_dict({k: v for k, v in key.items() if k != "kind"})
+
+
+def grid_points(cfg: ExperimentConfig) -> List[dict]:
+    """The frontier grids: ``{"kind": "agl"|"ewc", "axis": "lambda"|"budget", "value", "label", "settings",
+    "strength"}`` (strength: larger = more regularisation; a smaller budget is stronger)."""
+    out = []
+    for kind, axis, values in (("agl", "lambda", cfg.sweep_agl), ("agl", "budget", cfg.sweep_budget),
+                               ("ewc", "lambda", cfg.sweep_ewc)):
+        for v in values:
+            st = method_settings(cfg, kind, **({"lam": v} if axis == "lambda" else {"budget": v}))
+            out.append({"kind": kind, "axis": axis, "value": float(v), "settings": st,
+                        "label": f"{kind}-{'l' if axis == 'lambda' else 'b'}{_fmt_lam(v)}",
+                        "strength": float(v) if axis == "lambda" else -float(v)})
+    return out
+
+
+def run_names(cfg: ExperimentConfig) -> Dict[str, Dict[int, str]]:
+    """label -> seed -> the fine-tune run that trains it. A grid point whose settings and seed a main method
+    already trains maps to that method's run (trained once); LoRA is always ``lora``."""
+    main = {}
+    for m in cfg.methods:
+        if m != "safe_lora":
+            for s in cfg.seeds_for(m):
+                main.setdefault((stable_hash(settings_key(method_settings(cfg, m))), s), m)
+    out = {"lora": {s: "lora" for s in dict.fromkeys([*cfg.grid_seeds(), *cfg.seeds])}}
+    for p in grid_points(cfg):
+        h = stable_hash(settings_key(p["settings"]))
+        out[p["label"]] = {s: main.get((h, s), p["label"]) for s in cfg.grid_seeds()}
+    return out
+
+
+def stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
+    """Every stage with its cache key (its config fields + its upstream stages' hashes)."""
+    S: Dict[str, Stage] = {}
+    root = cfg.out
+
+    def add(name, fields_of, upstream=(), extra=None):
+        key = {"fields": cfg.key(STAGE_FIELDS[fields_of]) if fields_of else {},
+               "upstream": {u: S[u].hash for u in upstream}, **(extra or {})}
+        S[name] = Stage(root, name, key)
+
+    add("task_data", "task_data")
+    add("aligned_start", "aligned_start")
+    add("eval_start", "eval_start", ["aligned_start", "task_data"],
+        extra={"task_max_new_tokens": cfg.task_max_new_tokens, "eval_version": EVAL_VERSION})
+    add("alignment_state", "alignment_state", ["aligned_start"])
+    train_up = ["aligned_start", "task_data", "alignment_state"]  # every run logs the predicted rise: all need F
+
+    def train(run, seed, settings):
+        if f"finetune/{run}-s{seed}" not in S:
+            add(f"finetune/{run}-s{seed}", "finetune", train_up, extra={"settings": settings_key(settings), "seed": seed})
+
+    def evaluate(run, seed):
+        if f"evaluate/{run}-s{seed}" not in S:
+            add(f"evaluate/{run}-s{seed}", "evaluate", [f"finetune/{run}-s{seed}", "task_data"],
+                extra={"eval_version": EVAL_VERSION})
+
+    def dev(run, seed):
+        if f"dev/{run}-s{seed}" not in S:
+            add(f"dev/{run}-s{seed}", "dev", [f"finetune/{run}-s{seed}", "task_data"],
+                extra={"eval_version": EVAL_VERSION})
+
+    for m in cfg.methods:
+        if m != "safe_lora":
+            for s in cfg.seeds_for(m):
+                train(m, s, method_settings(cfg, m))
+                evaluate(m, s)
+    names = run_names(cfg)
+    points = grid_points(cfg)
+    if points or "safe_lora" in cfg.methods:  # LoRA's dev EM is the operating-point rule's reference
+        for s in (cfg.grid_seeds() if points else []) + (cfg.seeds if "safe_lora" in cfg.methods else []):
+            train("lora", s, None)
+            dev("lora", s)
+        if cfg.sweep_eval:
+            for s in cfg.grid_seeds() if points else []:
+                evaluate("lora", s)
+    for p in points:
+        for s in cfg.grid_seeds():
+            run = names[p["label"]][s]
+            train(run, s, p["settings"])
+            dev(run, s)
+            if cfg.sweep_eval:
+                evaluate(run, s)
+    if "safe_lora" in cfg.methods:
+        lora_up = [f"finetune/lora-s{s}" for s in cfg.seeds] + [f"dev/lora-s{s}" for s in cfg.seeds]
+        add("safe_lora/threshold", "safe_lora", ["aligned_start", "task_data", "alignment_state", *lora_up],
+            extra={"seeds": list(cfg.seeds), "eval_version": EVAL_VERSION})
+        for s in cfg.seeds:
+            add(f"finetune/safe_lora-s{s}", None, ["safe_lora/threshold", f"finetune/lora-s{s}"], extra={"seed": s})
+            evaluate("safe_lora", s)
+    up = [n for n in S]
+    add("report", None, up, extra={"n_boot": cfg.n_boot, "law_with_offset": cfg.law_with_offset,
+                                   "methods": list(cfg.methods), "em_tolerance": cfg.em_tolerance,
+                                   "frontier_agl": cfg.frontier_agl, "grid_seeds": cfg.grid_seeds(),
+                                   "seeds": {m: cfg.seeds_for(m) for m in cfg.methods}})
+    return S

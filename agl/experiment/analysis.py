@@ -131,7 +131,6 @@ def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dic
 
 
 def _eval_summary(arr, lora_arr, before, lora_recs, recs, n_boot) -> dict:
-    from agl.experiment.report import reduction_vs_lora
 
     em, lora_em = float(np.nanmean(arr["hits"])), float(np.nanmean(lora_arr["hits"]))
     red = reduction_vs_lora(before, lora_recs, recs, n_boot)
@@ -266,3 +265,37 @@ def plots(report: dict, out_dir: str) -> None:
     ax.legend(fontsize=8)
     save_png(fig, os.path.join(out_dir, "frontier.png"))
     plt.close(fig)
+
+
+def avg_records(runs: List[List[dict]]) -> List[dict]:
+    """Per-prompt refusal averaged over seeds (a fraction; None when no seed judged it)."""
+    by_id: Dict[str, List] = {}
+    first = {}
+    for recs in runs:
+        for r in recs:
+            by_id.setdefault(r["id"], []).append(r["refused"])
+            first.setdefault(r["id"], r)
+    out = []
+    for pid, vals in by_id.items():
+        v = [float(x) for x in vals if x is not None]
+        out.append({**first[pid], "refused": (sum(v) / len(v)) if v else None})
+    return out
+
+
+def reduction_vs_lora(before: List[dict], lora_runs: Dict[int, List[dict]], runs: Dict[int, List[dict]],
+                      n_boot: int) -> dict:
+    """Drift reduction of seed-wise ``runs`` over LoRA on the same seeds (seed-averaged per-prompt verdicts,
+    paired bootstrap over unsafe prompts): ``{"drift_reduction", "drift_reduction_ci", "detail"}`` or
+    ``{"drift_reduction_error"}`` (e.g. LoRA did not drift)."""
+    from agl.driftcaps import drift_reduction
+
+    shared = [s for s in runs if s in lora_runs]
+    if not shared:
+        return {"drift_reduction_error": "no seed shared with LoRA"}
+    try:
+        dr = drift_reduction(before, avg_records([lora_runs[s] for s in shared]),
+                             avg_records([runs[s] for s in shared]), n_boot=n_boot, seed=0)
+    except ValueError as exc:
+        return {"drift_reduction_error": str(exc)}
+    return {"drift_reduction": dr["value"], "drift_reduction_ci": dr["ci"],
+            "drift_reduction_detail": {**dr, "lora_seeds": shared}}

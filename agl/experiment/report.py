@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from agl._io import atomic_write_json, atomic_write_text
+from agl.experiment.analysis import avg_records, reduction_vs_lora
 
 __all__ = ["build_report", "markdown_table", "METHOD_FIELDS"]
 
@@ -60,21 +61,6 @@ def _clean(obj):
 def _nanmean(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(np.mean(xs)) if xs else math.nan
-
-
-def _avg_records(runs: List[List[dict]]) -> List[dict]:
-    """Per-prompt refusal averaged over seeds (a fraction; None when no seed judged it)."""
-    by_id: Dict[str, List] = {}
-    first = {}
-    for recs in runs:
-        for r in recs:
-            by_id.setdefault(r["id"], []).append(r["refused"])
-            first.setdefault(r["id"], r)
-    out = []
-    for pid, vals in by_id.items():
-        v = [float(x) for x in vals if x is not None]
-        out.append({**first[pid], "refused": (sum(v) / len(v)) if v else None})
-    return out
 
 
 def _fit_law(curves: List[List[dict]], cfg) -> dict:
@@ -152,25 +138,6 @@ def column_mean_ci(rows: List[List[float]], n_boot: int, seed: int = 0) -> List[
     return [float(np.percentile(m, 2.5)), float(np.percentile(m, 97.5))]
 
 
-def reduction_vs_lora(before: List[dict], lora_runs: Dict[int, List[dict]], runs: Dict[int, List[dict]],
-                      n_boot: int) -> dict:
-    """Drift reduction of seed-wise ``runs`` over LoRA on the same seeds (seed-averaged per-prompt verdicts,
-    paired bootstrap over unsafe prompts): ``{"drift_reduction", "drift_reduction_ci", "detail"}`` or
-    ``{"drift_reduction_error"}`` (e.g. LoRA did not drift)."""
-    from agl.driftcaps import drift_reduction
-
-    shared = [s for s in runs if s in lora_runs]
-    if not shared:
-        return {"drift_reduction_error": "no seed shared with LoRA"}
-    try:
-        dr = drift_reduction(before, _avg_records([lora_runs[s] for s in shared]),
-                             _avg_records([runs[s] for s in shared]), n_boot=n_boot, seed=0)
-    except ValueError as exc:
-        return {"drift_reduction_error": str(exc)}
-    return {"drift_reduction": dr["value"], "drift_reduction_ci": dr["ci"],
-            "drift_reduction_detail": {**dr, "lora_seeds": shared}}
-
-
 def build_report(cfg, paths: Dict[str, str], out_dir: str, provenance: Optional[dict] = None) -> dict:
     """Reads every stage's artefact (``paths``: stage name -> directory) and writes ``report.json``,
     ``report.md`` and the PNG plots into ``out_dir``. Returns the report dict. ``provenance``: the record taken
@@ -197,7 +164,7 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str, provenance: Optional[
     curves: Dict[str, List[List[dict]]] = {}
     for m in cfg.methods:
         report["methods"][m], runs[m], curves[m] = _method_entry(cfg, m, paths, start, before)
-        avg[m] = _avg_records(list(runs[m].values()))
+        avg[m] = avg_records(list(runs[m].values()))
     if "lora" in runs:
         for m in cfg.methods:
             report["methods"][m].update(reduction_vs_lora(before, runs["lora"], runs[m], cfg.n_boot))

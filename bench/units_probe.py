@@ -11,8 +11,8 @@ not what the quadratic form predicts; run it from the aligned start for that com
 import json, os, sys, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch
-from agl._io import atomic_write_json
-from agl._provenance import provenance
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import append_rows, provenance  # bench/_results.py: the one writer of result rows
 from agl.models import load_causal_lm
 from agl.experiment.config import ExperimentConfig
 from agl.experiment.align_start import build_alignment_data
@@ -21,6 +21,7 @@ from agl.experiment._common import chat_batches, lora_config, mean_nll
 from agl.fisher import estimate_alignment_state
 from agl.loss import AGLConfig, AGLLoss
 from peft import get_peft_model
+PROV = provenance()  # at the start: the load the run began under
 torch.manual_seed(0)
 t0 = time.time()
 model, tok = load_causal_lm("smollm2-135m-instruct", dtype=torch.float32)
@@ -49,7 +50,7 @@ for step in range(1, 21):
         rows.append(r); print(json.dumps(r), f"{time.time()-t0:.0f}s", flush=True)
 ewc = AGLLoss(model, state, AGLConfig.ewc())
 ewc.regularizer(); print("whole-ΔW nats", ewc.last_terms["align_nats"])
-atomic_write_json(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "units_probe_smollm2_base.json"),
-                  {"state": {"fisher_scale": state.fisher_scale, "num_samples": state.num_samples, "num_tokens": state.num_tokens,
+append_rows(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "units_probe_smollm2_base.json"),
+                  [{"bench": "units_probe", "model": "smollm2-135m-instruct (base)", "state": {"fisher_scale": state.fisher_scale, "num_samples": state.num_samples, "num_tokens": state.num_tokens,
                              "nats_scale": state.nats_scale},
-                   "rows": rows, "whole_dW_nats": ewc.last_terms["align_nats"], "provenance": provenance()})
+                   "rows": rows, "whole_dW_nats": ewc.last_terms["align_nats"]}], PROV, key=("bench", "model"))

@@ -6,7 +6,9 @@ Every result file ``agl`` or its benchmarks write carries ``provenance()`` under
      "machine": {"cpu": "AMD EPYC ...", "cores": 2, "gpu": "NVIDIA H200" | None},
      "load_avg": [1m, 5m, 15m], "torch": "2.14.1", "python": "3.11.7", "date": "2026-11-30T02:10:00+00:00"}
 
-``git_dirty`` is True when tracked files differ from the commit (untracked files are ignored: caches and outputs).
+``git_dirty`` is True when tracked files differ from the commit. Untracked files (caches, outputs) and the committed
+result folders (``bench/results/``, ``docs/results/``) are ignored: a benchmark that appends to its results file
+does not make the code it measures "dirty" for the next run.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Dict, List, Optional
 __all__ = ["provenance", "git_state", "cpu_name", "gpu_name", "same_code"]
 
 _REPO = Path(__file__).resolve().parent.parent
+RESULT_DIRS = ("bench/results", "docs/results")  # data, not code: ignored by ``git_dirty``
 
 
 def _git(args: List[str], cwd: Path) -> Optional[str]:
@@ -37,7 +40,7 @@ def git_state(repo: Optional[os.PathLike] = None) -> Dict[str, Any]:
     head = _git(["rev-parse", "HEAD"], cwd)
     if head is None:
         return {"git_commit": None, "git_dirty": None}
-    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    status = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in RESULT_DIRS)], cwd)
     return {"git_commit": head.strip(), "git_dirty": None if status is None else bool(status.strip())}
 
 

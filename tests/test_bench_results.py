@@ -127,3 +127,25 @@ def test_every_committed_report_has_provenance(path):
 
 def test_module_names_its_results_folder():
     assert _results.RESULTS == ROOT / "bench" / "results"
+
+
+def test_git_dirty_is_about_code_not_result_files(tmp_path):
+    """A run that appended to a committed results file leaves the tree clean for the next run; a code edit does not."""
+    import subprocess
+
+    from agl._provenance import git_state
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "r.json").write_text("[]\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert git_state(tmp_path)["git_dirty"] is False
+    (tmp_path / "bench" / "results" / "r.json").write_text("[{}]\n")
+    assert git_state(tmp_path)["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["git_dirty"] is True

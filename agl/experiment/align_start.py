@@ -77,7 +77,8 @@ def _content_words(text: str) -> set:
 def near_duplicate(a: str, b: str, *, ratio: float = 0.75, jaccard: float = 0.4) -> bool:
     """True when two prompts are the same request in other words: character similarity
     (``difflib.SequenceMatcher.ratio``) >= ``ratio`` or Jaccard overlap of their content words >= ``jaccard``."""
-    if difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio() >= ratio:
+    m = difflib.SequenceMatcher(None, a.lower(), b.lower())
+    if m.quick_ratio() >= ratio and m.ratio() >= ratio:  # quick_ratio bounds ratio from above: cheap pre-filter
         return True
     wa, wb = _content_words(a), _content_words(b)
     return bool(wa | wb) and len(wa & wb) / len(wa | wb) >= jaccard

@@ -51,7 +51,7 @@ class ExperimentConfig:
     align_n_safe: int = 120
     align_holdout: int = 32  # calibration unsafe prompts kept out of the SFT: held-out refusal demos (ΔL_align)
     align_dev_safe: int = 48  # calibration safe prompts kept out of the SFT (tuning-dev, with the unsafe hold-out)
-    align_n_borderline: int = 0  # the project's own borderline-safe prompts in the SFT (data/borderline.jsonl)
+    align_n_borderline: int = 93  # the project's own borderline-safe prompts in the SFT (data/borderline.jsonl)
     align_distill_filter: bool = True  # re-ask (steered) or drop distilled safe answers the judge calls refusals
     align_steps: int = 60
     align_rank: int = 16

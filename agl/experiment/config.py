@@ -53,7 +53,7 @@ class ExperimentConfig:
     align_dev_safe: int = 48  # calibration safe prompts kept out of the SFT (tuning-dev, with the unsafe hold-out)
     align_n_borderline: int = 93  # the project's own borderline-safe prompts in the SFT (data/borderline.jsonl)
     align_distill_filter: bool = True  # re-ask (steered) or drop distilled safe answers the judge calls refusals
-    align_steps: int = 60
+    align_steps: int = 90
     align_rank: int = 16
     align_lr: float = 3e-4
     align_batch: int = 8

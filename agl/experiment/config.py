@@ -54,7 +54,10 @@ class ExperimentConfig:
     align_n_unsafe: int = 160
     align_n_safe: int = 120
     align_holdout: int = 32  # calibration unsafe prompts kept out of the SFT: held-out refusal demos (ΔL_align)
-    align_steps: int = 60
+    align_dev_safe: int = 48  # calibration safe prompts kept out of the SFT (tuning-dev, with the unsafe hold-out)
+    align_n_borderline: int = 93  # the project's own borderline-safe prompts in the SFT (data/borderline.jsonl)
+    align_distill_filter: bool = True  # re-ask (steered) or drop distilled safe answers the judge calls refusals
+    align_steps: int = 90
     align_rank: int = 16
     align_lr: float = 3e-4
     align_batch: int = 8
@@ -176,6 +179,7 @@ class ExperimentConfig:
 # fine-tunes' keys also hold their method's whole AGLConfig (method_settings), so every AGL field is in them.
 STAGE_FIELDS = {
     "aligned_start": ["model", "dtype", "prompts", "refusals", "align_n_unsafe", "align_n_safe", "align_holdout",
+                      "align_dev_safe", "align_n_borderline", "align_distill_filter",
                       "align_steps", "align_rank", "align_lr", "align_batch", "align_targets",
                       "distill_max_new_tokens", "max_length", "align_seed"],
     "eval_start": ["eval_split", "eval_n_unsafe", "eval_n_safe", "eval_max_new_tokens"],

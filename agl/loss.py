@@ -133,7 +133,7 @@ class AGLConfig:
     measured optimum: one nat of predicted alignment loss, or of collision between the two parts of the update,
     costs one nat of task loss. The task term's 1 prices a 100% relative change of the weights at one nat, so for
     LoRA-sized updates (‖ΔW_T‖/‖W0‖ ~ 1e-2, relative size ~1e-4) it barely acts; it must be swept before it is
-    trusted. One probe on the real SmolLM2 base model (``bench/units_probe.py``, docs/MATH.md §5): after 20 LoRA
+    trusted. One probe on the real SmolLM2 base model (``bench/units_probe.py``, docs/MATH.md §7): after 20 LoRA
     steps align_nats = 1.5e-3, geodesic 3.9e-4, overlap 5e-5 nats/token, task relative size 6.7e-6, all small next
     to a task loss of ~1 at λ = 1. The experiment (``agl experiment``) sweeps the weights on calibration/dev data against
     :meth:`AGLLoss.gradient_shares` and the README reports what it finds; the chosen values belong here.

@@ -1,5 +1,5 @@
 """Shared helpers of the experiment: model loading, chat batches, greedy generation (through the DriftCaps harness),
-held-out loss, JSONL (``agl._io``)."""
+held-out loss."""
 from __future__ import annotations
 
 import random
@@ -7,10 +7,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from agl import _io
-
 __all__ = [
-    "ModelFactory", "default_model_factory", "chat_batches", "generate", "mean_nll", "read_jsonl", "write_jsonl",
+    "ModelFactory", "default_model_factory", "chat_batches", "generate", "mean_nll",
     "torch_dtype", "lora_config", "set_seed",
 ]
 
@@ -31,14 +29,6 @@ def default_model_factory(spec: str, device: str, dtype: torch.dtype):
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def read_jsonl(path: str) -> List[dict]:
-    """Records of a JSONL artefact (``agl._io.read_jsonl``; a missing file reads as none)."""
-    return _io.read_jsonl(path, missing_ok=True)
-
-
-write_jsonl = _io.write_jsonl
 
 
 def lora_config(rank: int, alpha: int, targets, seed_dropout: float = 0.0):

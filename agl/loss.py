@@ -271,6 +271,7 @@ class AGLLoss:
         # unit conversions (docs/MATH.md, "Units"): nats per unit of Σ F̃ ΔW² for the alignment and the task Fisher,
         # and Σ_l ‖W0_l‖² for the relative size of the task part when there is no task Fisher
         self._numel = torch.tensor([e.numel for e in self.entries], dtype=torch.float64)
+        self._numel_cache: Dict[Tuple, Tensor] = {}  # N_l on the terms' device and dtype: no host copy per step
         self._nats_align = float(state.nats_scale)
         self._nats_task = None if task_state is None else float(task_state.nats_scale)
         self._w0_sq = None
@@ -340,6 +341,13 @@ class AGLLoss:
         self._lambda_align = torch.tensor(_finite("lambda_align", value, positive=self.config.align_budget is not None),
                                           dtype=torch.float64)
 
+    def _numel_like(self, T: Tensor) -> Tensor:
+        """The per-layer element counts N_l = m·n as a tensor on ``T``'s device and dtype (made once per pair)."""
+        key = (T.device, T.dtype)
+        if key not in self._numel_cache:
+            self._numel_cache[key] = self._numel.to(device=T.device, dtype=T.dtype)
+        return self._numel_cache[key]
+
     def unit_terms(self, T: Tensor) -> Dict[str, Tensor]:
         """The four terms in ``config.units`` (see :class:`AGLConfig`) and ``align_nats``, from the (L, 4) matrix of
         per-layer means ``T``: per-layer sums are ``T · N_l`` (N_l = m·n), nats are ½·c·sums (c = ``nats_scale``).
@@ -347,7 +355,7 @@ class AGLLoss:
         ``units="nats"``: align = ½cΣ_l N_l T_l0 (= align_nats); task = ½c_H Σ_l N_l T_l1 with a task Fisher, else
         Σ_l N_l T_l1 / Σ_l ‖W0_l‖²; overlap = ½cΣ_l N_l T_l2; geodesic = Σ_l T_l3 · ½cN_l T_l0.
         ``units="paper"``: the column means over layers."""
-        N = self._numel.to(device=T.device, dtype=T.dtype)
+        N = self._numel_like(T)
         sums = T * N[:, None]
         align_l = 0.5 * self._nats_align * sums[:, 0]
         out = {"align_nats": align_l.sum()}
@@ -392,7 +400,7 @@ class AGLLoss:
         self._last_layers = None
         if c.per_layer_terms:
             Td = T.detach()
-            nats = 0.5 * self._nats_align * Td[:, 0] * self._numel.to(Td.device, Td.dtype)
+            nats = 0.5 * self._nats_align * Td[:, 0] * self._numel_like(Td)
             self._last_layers = torch.cat([Td, nats[:, None]], dim=1)
         if c.align_budget is not None and torch.is_grad_enabled():
             self._budget_step(u["align_nats"].detach())

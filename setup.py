@@ -158,11 +158,18 @@ def _write_build_info(torch, cuda: bool) -> None:
     os.replace(tmp, path)
 
 
-ext_modules, build_ext = _extensions()
+# AGL_SKIP_EXT=1: install the Python package only (the Makefile installs it editable this way, then builds the
+# extension once with `setup.py build_ext --inplace`; an editable pip install would otherwise compile it a second
+# time in its own build directory)
+if os.environ.get("AGL_SKIP_EXT") == "1":
+    _log("AGL_SKIP_EXT=1: not building the extension (build it with `python setup.py build_ext --inplace`)")
+    ext_modules, build_ext = [], None
+else:
+    ext_modules, build_ext = _extensions()
 
 setup(
     packages=find_packages(include=["agl", "agl.*"]),
     package_data={"agl": ["driftcaps/data/*.jsonl", "driftcaps/data/judge/*.jsonl", "experiment/data/*"]},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext} if build_ext else {},
 )

@@ -165,6 +165,7 @@ def test_pipeline_end_to_end(tmp_path):
     assert [c["fraction"] for c in th["candidates"]] == [0.5, 1.0]
     sl = json.loads((out / "finetune" / "safe_lora-s0" / "train_log.json").read_text())
     assert {"before", "after"} <= set(sl["projection"]) and sl["projection"]["tau"] == th["tau"]
+    assert not [k for k in sl if k.startswith("grad_shares")]  # LoRA's were measured before the projection
     assert sl["projection"]["n_projected"] == (0 if th["tau"] is None else
                                                sum(v < th["tau"] for v in th["similarities"]["0"].values()))
     # the frontier: the grid λ = 1e4 of AGL is the main AGL run (same settings, seed): trained once

@@ -114,6 +114,9 @@ def print_summary(result: dict, file=sys.stdout) -> None:
         print(f"AGL vs EWC at EWC's dev-chosen point ({vs['ewc_operating_point']}): RR_unsafe-after gain "
               f"{pct(vs['rr_gain_at_matched_em'])} [{pct(vs['ci95'][0])}, {pct(vs['ci95'][1])}], p = {vs['p_value']:.3g}",
               file=file)
+    for t, e in ((rep.get("term_sweeps") or {}).get("terms") or {}).items():
+        print(f"Term sweep {t} (dev data, rule 7): " + (f"weight {e['chosen']:g}" if e["helps"] else "does not help (0)"),
+              file=file)
     from agl.experiment.report import goal_line
 
     for k, v in rep.get("goals", {}).items():

@@ -354,7 +354,9 @@ def _build_safe_lora(ctx: Context, stage: Stage, seed: int):
         after["delta_align_loss"] = after["align_loss"] - L0
         model.save_pretrained(os.path.join(tmp, "adapter"))
         atomic_write_json(os.path.join(tmp, "train_log.json"), {
-            **log, "method": "safe_lora", "source": f"finetune/lora-s{seed}",
+            # LoRA's log, less its gradient shares (measured on the adapter before the projection)
+            **{k: v for k, v in log.items() if not k.startswith("grad_shares")},
+            "method": "safe_lora", "source": f"finetune/lora-s{seed}",
             "projection": {"tau": th["tau"], "n_projected": sum(v["projected"] for v in layers.values()),
                            "n_layers": len(layers), "layers": layers, "before": before, "after": after}})
 

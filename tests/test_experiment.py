@@ -102,7 +102,7 @@ def test_pipeline_end_to_end(tmp_path):
     from agl.experiment.pipeline import run_pipeline
     from agl.experiment.report import METHOD_FIELDS
 
-    cfg = tiny_config(tmp_path / "run")
+    cfg = tiny_config(tmp_path / "run", sweep_terms={"task": [1e4], "geodesic": [1e4]})
     res = run_pipeline(cfg, model_factory=tiny_factory, progress=False)
     assert all(s["built"] for s in res["stages"].values())
     out = tmp_path / "run"
@@ -112,7 +112,7 @@ def test_pipeline_end_to_end(tmp_path):
         assert (out / "aligned_start" / f).is_file(), f
     assert (out / "alignment_state" / "alignment_state.safetensors").is_file()
     for f in ("report.json", "report.md", "refusal_by_category.png", "forgetting_curves.png", "frontier.png",
-              "prediction.png"):
+              "prediction.png", "term_sweeps.png"):
         assert (out / "report" / f).is_file(), f
 
     rep = json.loads((out / "report" / "report.json").read_text())
@@ -139,6 +139,25 @@ def test_pipeline_end_to_end(tmp_path):
         assert log["curve"][-1]["pred_full_nats"] > 0
     agl_log = json.loads((out / "finetune" / "agl-s0" / "train_log.json").read_text())
     assert {"align_nats", "lambda_align"} <= set(agl_log["terms"][-1])
+    shares = [agl_log["grad_shares"][f"grad_share_{t}"] for t in ("align", "task", "overlap", "geodesic")]
+    assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
+    lora_log = json.loads((out / "finetune" / "lora-s0" / "train_log.json").read_text())
+    assert "grad_shares" not in lora_log and lora_log["grad_shares_unit_settings"]["lambda_task"] == 1.0
+    assert sum(v for k, v in lora_log["grad_shares_unit"].items() if k.startswith("grad_share_")) == pytest.approx(1.0)
+    # term sweeps: dev only (never evaluated), not on the frontier; rule 7 recomputed from the dev artefacts
+    T = rep["term_sweeps"]
+    assert list(T["terms"]) == ["task", "geodesic"]
+    assert not [n for n in res["stages"] if n.startswith("evaluate/agl-") and n != "evaluate/agl-s0"]
+    dev = lambda run: json.loads((out / "dev" / f"{run}-s0" / "dev.json").read_text())  # noqa: E731
+    assert T["base"]["dev_delta_align"] == pytest.approx(dev("agl-base")["delta_align_loss"])
+    for t, run in (("task", "agl-t10000"), ("geodesic", "agl-g10000")):
+        p, d = T["terms"][t]["points"][0], dev(run)
+        assert (p["dev_em"], p["dev_delta_align"]) == pytest.approx((d["dev_em"], d["delta_align_loss"]))
+        helps = (d["dev_em"] >= dev("lora")["dev_em"] - cfg.em_tolerance
+                 and d["delta_align_loss"] <= 0.9 * T["base"]["dev_delta_align"])
+        assert T["terms"][t]["helps"] == helps and T["terms"][t]["chosen"] == (1e4 if helps else 0.0)
+        assert 0.0 <= p["grad_share"] <= 1.0
+    assert "## Term sweeps" in (out / "report" / "report.md").read_text()
     pred = rep["prediction"]
     assert pred["align"]["n_points"] >= 6 and pred["align"]["ratio"] is not None
     # Safe LoRA: LoRA's adapter projected at a threshold chosen on dev data; before/after logged
@@ -146,6 +165,7 @@ def test_pipeline_end_to_end(tmp_path):
     assert [c["fraction"] for c in th["candidates"]] == [0.5, 1.0]
     sl = json.loads((out / "finetune" / "safe_lora-s0" / "train_log.json").read_text())
     assert {"before", "after"} <= set(sl["projection"]) and sl["projection"]["tau"] == th["tau"]
+    assert not [k for k in sl if k.startswith("grad_shares")]  # LoRA's were measured before the projection
     assert sl["projection"]["n_projected"] == (0 if th["tau"] is None else
                                                sum(v < th["tau"] for v in th["similarities"]["0"].values()))
     # the frontier: the grid λ = 1e4 of AGL is the main AGL run (same settings, seed): trained once
@@ -181,8 +201,9 @@ def test_pipeline_end_to_end(tmp_path):
     res4 = run_pipeline(cfg.replace(agl=dataclasses.replace(cfg.agl, alpha=0.25)), model_factory=tiny_factory,
                         progress=False)
     built = {n for n, s in res4["stages"].items() if s["built"]}
-    assert "finetune/agl-s0" in built and "report" in built
-    assert not built & {"aligned_start", "alignment_state", "task_data", "finetune/lora-s0"}
+    assert "finetune/agl-s0" in built and "report" in built and "finetune/agl-base-s0" in built
+    assert not built & {"aligned_start", "alignment_state", "task_data", "finetune/lora-s0",
+                        "finetune/agl-g10000-s0"}  # the geodesic point fixes α = 0
 
 
 def test_interrupted_stage_leaves_no_artefact(tmp_path):

@@ -69,11 +69,24 @@ def _eval_arrays(paths, runs: Dict[int, str], unsafe_ids: List[str]):
     return {"refused": np.array(refused), "hits": np.array(hits)}, recs
 
 
+def dev_seeds(paths, runs: Dict[int, str]) -> List[dict]:
+    """Per seed of ``runs`` (seed -> run): its dev stage's ``dev.json`` (dev EM, calibration ΔL_align at the end of
+    the fine-tune) with ``seed``, ``run``, the last point of its training curve (``end``) and its train log's
+    ``grad_shares`` and ``grad_shares_unit`` (None where absent: LoRA has only the latter, and logs written before
+    they were recorded have neither)."""
+    out = []
+    for s, run in runs.items():
+        log = _read(os.path.join(paths[f"finetune/{run}-s{s}"], "train_log.json"))
+        out.append({**_read(os.path.join(paths[f"dev/{run}-s{s}"], "dev.json")), "seed": s, "run": run,
+                    "end": log["curve"][-1], **{k: log.get(k) for k in ("grad_shares", "grad_shares_unit")}})
+    return out
+
+
 def _dev(paths, runs: Dict[int, str]) -> dict:
     """Dev EM and the calibration hold-out's measured ΔL_align, with the predicted rise at the end of training
     (what a budget point should hold at its ε), means over seeds."""
-    ds = [_read(os.path.join(paths[f"dev/{run}-s{s}"], "dev.json")) for s, run in runs.items()]
-    ends = [_read(os.path.join(paths[f"finetune/{run}-s{s}"], "train_log.json"))["curve"][-1] for s, run in runs.items()]
+    ds = dev_seeds(paths, runs)
+    ends = [d["end"] for d in ds]
     return {"dev_em": float(np.mean([d["dev_em"] for d in ds])),
             "dev_delta_align_loss": float(np.mean([d["delta_align_loss"] for d in ds])),
             **{k: float(np.mean([e[k] for e in ends])) for k in _KEYS if all(k in e for e in ends)}}
@@ -81,10 +94,11 @@ def _dev(paths, runs: Dict[int, str]) -> dict:
 
 def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dict) -> Optional[dict]:
     """None without a grid. Otherwise every grid point's dev numbers (and eval numbers with ``sweep_eval``), the
-    operating points by the pre-registered rule, and ``agl_vs_ewc``."""
+    operating points by the pre-registered rule, and ``agl_vs_ewc``. The term sweeps are not frontier points
+    (``agl.experiment.term_sweeps``)."""
     from agl.experiment.plan import grid_points, run_names
 
-    points = grid_points(cfg)
+    points = [p for p in grid_points(cfg) if p["kind"] != "term"]
     if not points:
         return None
     names = run_names(cfg)

@@ -31,6 +31,15 @@ def _set_value(text):
     return k.strip().replace("-", "_"), v
 
 
+def _sweep_term(text):
+    """``TERM=W,W,...`` -> (term, [weights]); the term's name and the weights' signs are checked by the config."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--sweep-term expects TERM=W,W,... (TERM: task, overlap or geodesic), "
+                                         f"got {text!r}")
+    term, ws = text.split("=", 1)
+    return term.strip(), _csv(float)(ws)
+
+
 def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="JSON or TOML config file (keys = ExperimentConfig fields; "
                    "TOML may put them under [experiment], the AGL fields under [experiment.agl]); flags override it")
@@ -56,6 +65,9 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-budget", type=_csv(float), dest="sweep_budget", metavar="E,E,...",
                    help="align_budget grid (nats) for AGL's frontier")
     p.add_argument("--sweep-ewc", type=_csv(float), dest="sweep_ewc", metavar="L,L,...", help="EWC λ grid")
+    p.add_argument("--sweep-term", type=_sweep_term, action="append", dest="sweep_term", metavar="TERM=W,W,...",
+                   help="weights to sweep for one extra AGL term (task, overlap or geodesic), the others off; dev "
+                        "data only, never evaluated; repeatable (= sweep_terms in a config file)")
     p.add_argument("--sweep-seeds", type=_csv(int), dest="sweep_seeds", metavar="S,S,...",
                    help="seeds of the grids (default: --seeds)")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
@@ -75,6 +87,8 @@ def config_from_args(args, base=None):
 
     overrides = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
     overrides.update({f"agl.{k}": getattr(args, k) for k in _AGL_FLAGS if getattr(args, k, None) is not None})
+    for term, ws in getattr(args, "sweep_term", None) or []:  # a repeated term adds weights
+        overrides.setdefault("sweep_terms", {}).setdefault(term, []).extend(ws)
     overrides.update(dict(args.set))
     try:
         return load_config(args.config, overrides, base=base)
@@ -99,6 +113,9 @@ def print_summary(result: dict, file=sys.stdout) -> None:
     if vs:
         print(f"AGL vs EWC at EWC's dev-chosen point ({vs['ewc_operating_point']}): RR_unsafe-after gain "
               f"{pct(vs['rr_gain_at_matched_em'])} [{pct(vs['ci95'][0])}, {pct(vs['ci95'][1])}], p = {vs['p_value']:.3g}",
+              file=file)
+    for t, e in ((rep.get("term_sweeps") or {}).get("terms") or {}).items():
+        print(f"Term sweep {t} (dev data, rule 7): " + (f"weight {e['chosen']:g}" if e["helps"] else "does not help (0)"),
               file=file)
     from agl.experiment.report import goal_line
 

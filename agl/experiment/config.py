@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
@@ -17,7 +18,7 @@ from agl.loss import AGLConfig
 
 __all__ = [
     "ABLATIONS", "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "agl_settings", "demo_config", "load_config",
-    "method_settings", "stable_hash",
+    "method_settings", "stable_hash", "SWEEP_TERMS", "term_settings",
 ]
 
 # the methods, in report order
@@ -107,6 +108,9 @@ class ExperimentConfig:
     sweep_agl: List[float] = field(default_factory=list)  # λ_A values for AGL
     sweep_budget: List[float] = field(default_factory=list)  # align_budget values (nats) for AGL
     sweep_ewc: List[float] = field(default_factory=list)  # λ values for EWC (AGLConfig.ewc)
+    # term sweeps (dev data only, never evaluated): term -> weights, terms among SWEEP_TERMS; each point is cfg.agl
+    # with the other extra terms off (plan.grid_points); chosen by frontier.choose_term_weight
+    sweep_terms: Dict[str, List[float]] = field(default_factory=dict)
     sweep_seeds: Optional[List[int]] = None
     sweep_eval: bool = True
     frontier_agl: str = "auto"  # AGL's frontier curve: "lambda", "budget", or "auto" (budget when swept)
@@ -119,6 +123,9 @@ class ExperimentConfig:
         if isinstance(self.agl, dict):  # from a file or asdict()
             self.agl = agl_config_from_dict(self.agl)
         self.validate()
+        # one order (SWEEP_TERMS', weights ascending, no repeats): the plan and the report follow it
+        self.sweep_terms = {k: sorted({float(w) for w in self.sweep_terms[k]}) for k in SWEEP_TERMS
+                            if k in self.sweep_terms}
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in ALL_METHODS]
@@ -152,6 +159,7 @@ class ExperimentConfig:
             raise ValueError(f"`safe_lora_fractions` must be fractions in (0, 1], got {self.safe_lora_fractions!r}")
         if any(v < 0 for v in self.sweep_agl + self.sweep_ewc + self.sweep_budget):
             raise ValueError("`sweep_agl`, `sweep_ewc`, `sweep_budget` must be >= 0")
+        _check_sweep_terms(self.sweep_terms)
 
     # -- serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -172,6 +180,26 @@ class ExperimentConfig:
 
     def key(self, names: Sequence[str]) -> Dict[str, Any]:
         return {n: getattr(self, n) for n in names}
+
+
+# the terms `sweep_terms` may sweep: term -> (the weight it sets, what else it fixes); see term_settings
+SWEEP_TERMS = {"task": ("lambda_task", {}), "overlap": ("lambda_collision", {"alpha": 1.0}),
+               "geodesic": ("lambda_collision", {"alpha": 0.0})}
+
+
+def _check_sweep_terms(st) -> None:
+    expected = f"a table {{term: [weight, ...]}} with terms among {sorted(SWEEP_TERMS)} and weights >= 0"
+    if not isinstance(st, dict):
+        raise ValueError(f"`sweep_terms` must be {expected}, got {type(st).__name__}")
+    bad = sorted(k for k in st if k not in SWEEP_TERMS)
+    if bad:
+        raise ValueError(f"`sweep_terms`: unknown term(s) {bad}; expected {expected}")
+    for k, ws in st.items():
+        ok = isinstance(ws, (list, tuple)) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                   and math.isfinite(w) and w >= 0 for w in ws)
+        if not ok:
+            raise ValueError(f"`sweep_terms[{k!r}]` must be a list of finite weights >= 0, got {ws!r}; expected "
+                             f"{expected}")
 
 
 # which fields each stage depends on (besides its upstream stages' keys); `out`, `device`, `threads`, `n_boot` and
@@ -256,6 +284,19 @@ def method_settings(cfg: ExperimentConfig, method: str, *, lam: Optional[float] 
     raise ValueError(f"unknown method {method!r}")
 
 
+def term_settings(cfg: ExperimentConfig, term: Optional[str] = None, weight: float = 0.0) -> AGLConfig:
+    """A term-sweep point: ``cfg.agl`` with the task and collision terms off (λ_T = λ_NC = 0), then ``term`` at
+    ``weight``: ``task`` sets λ_T; ``overlap`` sets λ_NC with α = 1; ``geodesic`` λ_NC with α = 0. ``term`` None:
+    the sweeps' common base point (every swept term at 0)."""
+    base = dataclasses.replace(cfg.agl, lambda_task=0.0, lambda_collision=0.0)
+    if term is None:
+        return base
+    if term not in SWEEP_TERMS:
+        raise ValueError(f"term_settings: unknown term {term!r}; expected one of {sorted(SWEEP_TERMS)}")
+    name, fixed = SWEEP_TERMS[term]
+    return dataclasses.replace(base, **{name: float(weight)}, **fixed)
+
+
 # what AGLConfig.ewc fixes; EWC takes every other field (λ or budget, units, numerics) from the experiment's AGL config
 _EWC_FIXED = ("subspaces", "lambda_task", "lambda_collision")
 
@@ -304,8 +345,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     if path:
         data.update(_read_file(path))
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "agl" in data and "agl" in over:  # two tables: the flags' entries win field by field
-        data["agl"] = {**dict(data["agl"]), **dict(over.pop("agl"))}
+    for table in ("agl", "sweep_terms"):  # two tables: the flags' entries win entry by entry
+        if table in data and table in over:
+            data[table] = {**dict(data[table]), **dict(over.pop(table))}
     data.update(over)
     names = {f.name for f in fields(ExperimentConfig)}
     unknown = sorted(k for k in set(data) - names if not k.startswith("agl."))

@@ -2,7 +2,8 @@
 
 Operating-point rule (written in docs/EXPERIMENT.md before any run): among the settings of one method's grid, the
 *strongest* (largest λ, smallest budget, most Safe LoRA layers projected) whose task dev EM, averaged over the seeds,
-is at least LoRA's dev EM minus ``tolerance`` (2 points). Dev data only.
+is at least LoRA's dev EM minus ``tolerance`` (2 points). Dev data only. The term sweeps' rule (rule 7) is
+:func:`choose_term_weight`.
 
 The AGL-vs-EWC frontier gain: with each grid point's per-seed, per-prompt refusals on the unsafe eval prompts
 (``refused``: seeds x prompts, 1/0, NaN = not judged) and per-seed task test hits (``hits``: seeds x questions),
@@ -18,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["choose_operating_point", "pareto_frontier", "frontier_value", "frontier_gain", "spearman",
+__all__ = ["choose_operating_point", "choose_term_weight", "pareto_frontier", "frontier_value", "frontier_gain", "spearman",
            "prediction_quality"]
 
 
@@ -30,6 +31,34 @@ def choose_operating_point(points: Sequence[dict], lora_dev_em: float, tolerance
         raise ValueError(f"choose_operating_point: LoRA's dev EM must be finite, got {lora_dev_em!r}")
     ok = [p for p in points if p["dev_em"] is not None and p["dev_em"] >= lora_dev_em - tolerance - 1e-12]
     return max(ok, key=lambda p: p["strength"]) if ok else None
+
+
+def choose_term_weight(points: Sequence[dict], base: dict, lora_dev_em: float, tolerance: float = 0.02,
+                       min_gain: float = 0.10) -> Optional[dict]:
+    """Rule 7 (term sweeps, dev data only): the weight of one extra AGL term (task, overlap or geodesic).
+
+    Among ``points`` (dicts with ``weight``, ``dev_em`` and ``dev_delta_align``: means over the sweep's seeds of
+    task dev EM and of the calibration hold-out's refusal-NLL rise at the end of the fine-tune) whose
+    ``dev_em >= lora_dev_em - tolerance``, take the one with the smallest ``dev_delta_align`` (ties: the smaller
+    weight). It is chosen only if ``dev_delta_align <= (1 - min_gain) · base["dev_delta_align"]``, i.e. at least
+    ``min_gain`` (10%) relatively below the base point's (the same config with the term at 0). Returns the chosen
+    point, or None: the weight stays 0 (the term does not help). A base that did not forget (ΔL_align <= 0, or not
+    finite) leaves nothing to reduce: None."""
+    if not math.isfinite(lora_dev_em):
+        raise ValueError(f"choose_term_weight: LoRA's dev EM must be finite, got {lora_dev_em!r}")
+    if not 0.0 <= min_gain < 1.0:
+        raise ValueError(f"choose_term_weight: `min_gain` must be in [0, 1), got {min_gain!r}")
+
+    def finite(x):
+        return x is not None and math.isfinite(x)
+
+    ok = [p for p in points if finite(p["dev_em"]) and finite(p["dev_delta_align"])
+          and p["dev_em"] >= lora_dev_em - tolerance - 1e-12]
+    b = base.get("dev_delta_align")
+    if not ok or not finite(b) or b <= 0:
+        return None
+    best = min(ok, key=lambda p: (p["dev_delta_align"], p["weight"]))
+    return best if best["dev_delta_align"] <= (1.0 - min_gain) * b else None
 
 
 def pareto_frontier(em: Sequence[float], rr: Sequence[float]):

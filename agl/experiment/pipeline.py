@@ -7,8 +7,10 @@ Artefacts under ``cfg.out``::
     alignment_state/          stage 2: agl.AlignmentState of the aligned start (task LoRA layout)
     task_data/                stage 3: the generated task (train/dev/test)
     finetune/<run>-s<seed>/   stage 3: LoRA adapter + training log (measured and predicted alignment-loss rise);
-                              <run> = a method, or a frontier grid point (agl-l<λ>, agl-b<budget>, ewc-l<λ>);
-                              safe_lora = LoRA's adapter projected (no training)
+                              <run> = a method, or a frontier grid point (agl-l<λ>, agl-b<budget>, ewc-l<λ>),
+                              or a term-sweep point (agl-base, agl-t<w>, agl-o<w>, agl-g<w>; dev only);
+                              safe_lora = LoRA's adapter projected (no training); train_log.json has
+                              grad_shares (regularised runs) or grad_shares_unit (LoRA) at the final adapter
     evaluate/<run>-s<seed>/   stage 4: DriftCaps records + task exact-match (eval split / task test split)
     dev/<run>-s<seed>/        task dev EM (what the pre-registered operating-point rule reads)
     safe_lora/threshold/      Safe LoRA's threshold, chosen on dev data
@@ -251,7 +253,7 @@ def _build_finetune(ctx: Context, stage: Stage, run: str, seed: int):
                               state=_load_state(ctx), seed=seed, steps=cfg.steps, lr=cfg.lr, rank=cfg.rank,
                               lora_alpha=cfg.lora_alpha, batch=cfg.batch, targets=cfg.targets,
                               log_every=cfg.log_every, max_length=cfg.max_length, device=cfg.device,
-                              progress=ctx.progress, desc=f"train {run} s{seed}")
+                              progress=ctx.progress, desc=f"train {run} s{seed}", unit_probe=cfg.agl)
         model.save_pretrained(os.path.join(tmp, "adapter"))
         atomic_write_json(os.path.join(tmp, "train_log.json"), {"method": run, **log})
 
@@ -352,7 +354,9 @@ def _build_safe_lora(ctx: Context, stage: Stage, seed: int):
         after["delta_align_loss"] = after["align_loss"] - L0
         model.save_pretrained(os.path.join(tmp, "adapter"))
         atomic_write_json(os.path.join(tmp, "train_log.json"), {
-            **log, "method": "safe_lora", "source": f"finetune/lora-s{seed}",
+            # LoRA's log, less its gradient shares (measured on the adapter before the projection)
+            **{k: v for k, v in log.items() if not k.startswith("grad_shares")},
+            "method": "safe_lora", "source": f"finetune/lora-s{seed}",
             "projection": {"tau": th["tau"], "n_projected": sum(v["projected"] for v in layers.values()),
                            "n_layers": len(layers), "layers": layers, "before": before, "after": after}})
 

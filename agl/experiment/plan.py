@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from agl.experiment.config import (EVAL_VERSION, STAGE_FIELDS, ExperimentConfig, agl_config_from_dict, agl_settings,
-                                   method_settings, stable_hash)
+                                   method_settings, stable_hash, term_settings)
 from agl.experiment.stages import Stage
 
 __all__ = ["settings_key", "settings_from_key", "grid_points", "run_names", "stage_plan"]
@@ -26,7 +26,9 @@ def settings_from_key(key: dict):
 
 def grid_points(cfg: ExperimentConfig) -> List[dict]:
     """The frontier grids: ``{"kind": "agl"|"ewc", "axis": "lambda"|"budget", "value", "label", "settings",
-    "strength"}`` (strength: larger = more regularisation; a smaller budget is stronger)."""
+    "strength"}`` (strength: larger = more regularisation; a smaller budget is stronger), then the term sweeps
+    (kind ``"term"``, dev data only, not on the frontier): ``agl-base`` (axis None: every swept term at 0) and
+    ``agl-t<w>``, ``agl-o<w>``, ``agl-g<w>`` (axis = the term, value = strength = its weight; config.term_settings)."""
     out = []
     for kind, axis, values in (("agl", "lambda", cfg.sweep_agl), ("agl", "budget", cfg.sweep_budget),
                                ("ewc", "lambda", cfg.sweep_ewc)):
@@ -35,21 +37,34 @@ def grid_points(cfg: ExperimentConfig) -> List[dict]:
             out.append({"kind": kind, "axis": axis, "value": float(v), "settings": st,
                         "label": f"{kind}-{'l' if axis == 'lambda' else 'b'}{_fmt_lam(v)}",
                         "strength": float(v) if axis == "lambda" else -float(v)})
+    terms = [(t, w) for t, ws in cfg.sweep_terms.items() for w in ws]
+    if terms:
+        out.append({"kind": "term", "axis": None, "value": 0.0, "settings": term_settings(cfg), "label": "agl-base",
+                    "strength": 0.0})
+    for t, w in terms:
+        out.append({"kind": "term", "axis": t, "value": w, "settings": term_settings(cfg, t, w),
+                    "label": f"agl-{t[0]}{_fmt_lam(w)}", "strength": w})
     return out
 
 
 def run_names(cfg: ExperimentConfig) -> Dict[str, Dict[int, str]]:
     """label -> seed -> the fine-tune run that trains it. A grid point whose settings and seed a main method
-    already trains maps to that method's run (trained once); LoRA is always ``lora``."""
+    already trains maps to that method's run (trained once); a term point also maps to an earlier grid point's run
+    with its settings (the frontier points only look at the main methods, as they always did); LoRA is always
+    ``lora``."""
     main = {}
     for m in cfg.methods:
         if m != "safe_lora":
             for s in cfg.seeds_for(m):
                 main.setdefault((stable_hash(settings_key(method_settings(cfg, m))), s), m)
+    shared = dict(main)  # main runs, then every grid point's run in order
     out = {"lora": {s: "lora" for s in dict.fromkeys([*cfg.grid_seeds(), *cfg.seeds])}}
     for p in grid_points(cfg):
         h = stable_hash(settings_key(p["settings"]))
-        out[p["label"]] = {s: main.get((h, s), p["label"]) for s in cfg.grid_seeds()}
+        runs = shared if p["kind"] == "term" else main
+        out[p["label"]] = {s: runs.get((h, s), p["label"]) for s in cfg.grid_seeds()}
+        for s, run in out[p["label"]].items():
+            shared.setdefault((h, s), run)
     return out
 
 
@@ -91,19 +106,20 @@ def stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
                 evaluate(m, s)
     names = run_names(cfg)
     points = grid_points(cfg)
-    if points or "safe_lora" in cfg.methods:  # LoRA's dev EM is the operating-point rule's reference
+    frontier = [p for p in points if p["kind"] != "term"]  # term points are dev-only: never evaluated
+    if points or "safe_lora" in cfg.methods:  # LoRA's dev EM is the operating-point rules' reference
         for s in (cfg.grid_seeds() if points else []) + (cfg.seeds if "safe_lora" in cfg.methods else []):
             train("lora", s, None)
             dev("lora", s)
         if cfg.sweep_eval:
-            for s in cfg.grid_seeds() if points else []:
+            for s in cfg.grid_seeds() if frontier else []:
                 evaluate("lora", s)
     for p in points:
         for s in cfg.grid_seeds():
             run = names[p["label"]][s]
             train(run, s, p["settings"])
             dev(run, s)
-            if cfg.sweep_eval:
+            if cfg.sweep_eval and p["kind"] != "term":
                 evaluate(run, s)
     if "safe_lora" in cfg.methods:
         lora_up = [f"finetune/lora-s{s}" for s in cfg.seeds] + [f"dev/lora-s{s}" for s in cfg.seeds]
@@ -116,5 +132,7 @@ def stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
     add("report", None, up, extra={"n_boot": cfg.n_boot, "law_with_offset": cfg.law_with_offset,
                                    "methods": list(cfg.methods), "em_tolerance": cfg.em_tolerance,
                                    "frontier_agl": cfg.frontier_agl, "grid_seeds": cfg.grid_seeds(),
-                                   "seeds": {m: cfg.seeds_for(m) for m in cfg.methods}})
+                                   "seeds": {m: cfg.seeds_for(m) for m in cfg.methods},
+                                   # only with sweeps, so the keys of runs without them stay as they were
+                                   **({"sweep_terms": cfg.sweep_terms} if cfg.sweep_terms else {})})
     return S

@@ -6,6 +6,7 @@
      "methods": {"lora": {"rr_unsafe_after", "drift", "drift_reduction", "drift_reduction_ci", "over_refusal",
                           "task_em", "delta_align_loss", "law_A", "law_beta", ...}, "agl": {...}, ...},
      "prediction": {...}, "frontier": {"agl_vs_ewc": {"rr_gain_at_matched_em", "ci95", "p_value"}, ...} | null,
+     "term_sweeps": see agl.experiment.term_sweeps | null,
      "goals": {name: {"met", "value", "target", "note"}}, "stage_seconds": {...}, "config": {...},
      "provenance": agl._provenance.provenance() at the run's start, "environment": {"argv", "platform"}}
 
@@ -143,7 +144,7 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str, provenance: Optional[
     ``report.md`` and the PNG plots into ``out_dir``. Returns the report dict. ``provenance``: the record taken
     at the start of the run (``agl._provenance.provenance()``; taken now when None)."""
     from agl._provenance import provenance as current_provenance
-    from agl.experiment import analysis
+    from agl.experiment import analysis, term_sweeps
 
     start = _read(os.path.join(paths["eval_start"], "drift.json"))
     start_task = _read(os.path.join(paths["eval_start"], "task.json"))
@@ -173,6 +174,7 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str, provenance: Optional[
         report["methods"]["safe_lora"]["threshold"] = {k: v for k, v in th.items() if k != "similarities"}
     report["prediction"] = analysis.prediction_section(cfg, paths)
     report["frontier"] = analysis.frontier_section(cfg, paths, before, report)
+    report["term_sweeps"] = term_sweeps.term_sweeps_section(cfg, paths)
     report["goals"] = _goals(report)
     report["stage_seconds"] = {n: _read(os.path.join(p, "manifest.json")).get("seconds")
                                for n, p in paths.items() if os.path.exists(os.path.join(p, "manifest.json"))}
@@ -185,6 +187,7 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str, provenance: Optional[
     atomic_write_text(os.path.join(out_dir, "report.md"), markdown_report(report))
     _plots(report, before, avg, curves, out_dir)
     analysis.plots(report, out_dir)
+    term_sweeps.plot(report, out_dir)
     return report
 
 
@@ -275,6 +278,7 @@ def _safe_lora_lines(report: dict) -> List[str]:
 
 def markdown_report(report: dict) -> str:
     from agl.experiment.analysis import markdown_sections
+    from agl.experiment.term_sweeps import markdown_lines as term_sweep_lines
 
     a = report["aligned_start"]
     cfg = report.get("config", {})
@@ -301,12 +305,14 @@ def markdown_report(report: dict) -> str:
         "seeds' logged points (D = tokens).", "",
         *_safe_lora_lines(report),
         *markdown_sections(report),
+        *term_sweep_lines(report),
         "## Goals (issue 10; never moved)", "",
     ]
     for k, v in report.get("goals", {}).items():
         lines.append(goal_line(k, v))
     lines += ["", "Plots: `refusal_by_category.png`, `forgetting_curves.png`, `prediction.png`"
-              + (", `frontier.png`" if report.get("frontier") else "") + "."]
+              + (", `frontier.png`" if report.get("frontier") else "")
+              + (", `term_sweeps.png`" if report.get("term_sweeps") else "") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ import torch
 
 from agl.experiment._common import chat_batches, lora_config, mean_nll, to_device
 
-__all__ = ["AlignmentProbe", "finetune", "make_regulariser"]
+__all__ = ["AlignmentProbe", "finetune", "make_regulariser", "unit_weights"]
 
 
 class AlignmentProbe:
@@ -62,6 +62,14 @@ def make_regulariser(model, state, settings):
     return AGLLoss(model, state, settings)
 
 
+def unit_weights(settings):
+    """``settings`` with λ_A = λ_T = λ_NC = 1 and no budget: every term at its natural scale (α still splits the
+    collision weight between overlap and geodesic), what ``grad_shares_unit`` of a LoRA run measures."""
+    import dataclasses
+
+    return dataclasses.replace(settings, lambda_align=1.0, lambda_task=1.0, lambda_collision=1.0, align_budget=None)
+
+
 def finetune(
     aligned_model,
     tokenizer,
@@ -82,12 +90,17 @@ def finetune(
     device,
     progress: bool = True,
     desc: str = "fine-tune",
+    unit_probe=None,
 ):
     """Fine-tunes a LoRA adapter on ``train_records`` (``{"prompt", "response"}``) on a copy of ``aligned_model``
     with the regulariser ``settings`` (an AGLConfig, or None for plain LoRA). Returns ``(peft_model, log)``; ``log``
     has ``curve`` (per logged step: step, tokens, align_loss, delta_align_loss = the measured rise, and the
     predicted rises ``pred_align_nats`` / ``pred_full_nats`` of :class:`AlignmentProbe`), per-step ``task_loss``
-    and the regulariser's ``last_terms`` at each logged step (with ``align_nats`` and ``lambda_align``)."""
+    and the regulariser's ``last_terms`` at each logged step (with ``align_nats`` and ``lambda_align``).
+
+    At the end, ``grad_shares``: the regulariser's ``AGLLoss.gradient_shares()`` on the final adapter (how hard
+    each weighted term pulls); without a regulariser and with ``unit_probe`` (an AGLConfig), ``grad_shares_unit``:
+    the same for ``unit_weights(unit_probe)`` (the terms' natural scale at LoRA's adapter) and its settings."""
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
@@ -136,4 +149,10 @@ def finetune(
 
     log = {"settings": None if settings is None else agl_settings(settings), "seed": seed, "steps": steps, "tokens": tokens, "curve": curve,
            "task_loss": task_losses, "terms": terms_log, "seconds": round(time.time() - t0, 2)}
+    if reg is not None:
+        log["grad_shares"] = reg.gradient_shares()
+    elif unit_probe is not None:
+        unit = unit_weights(unit_probe)
+        log["grad_shares_unit"] = make_regulariser(model, state, unit).gradient_shares()
+        log["grad_shares_unit_settings"] = agl_settings(unit)
     return model, log

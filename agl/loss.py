@@ -61,7 +61,7 @@ def resolve_backend(backend: str, device) -> str:
 _UNITS = ("nats", "paper")
 # every default weight, per unit system (AGLConfig resolves None to these); docs/MATH.md "Units" says what they mean
 _DEFAULT_WEIGHTS = {
-    "nats": {"lambda_align": 1.0, "lambda_task": 1.0, "lambda_collision": 1.0},
+    "nats": {"lambda_align": 1e4, "lambda_task": 1.0, "lambda_collision": 1.0},  # rule 5, docs/EXPERIMENT.md
     "paper": {"lambda_align": 1e5, "lambda_task": 1e4, "lambda_collision": 1.0},
 }
 _LAMBDA_RANGE = 1e6  # budget mode: λ_align stays within [λ0 / R, λ0 · R] of its initial value λ0

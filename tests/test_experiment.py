@@ -488,15 +488,16 @@ def test_grid_plan_budget_points_and_shared_runs(tmp_path):
     settings and seed is that method's run; LoRA gets a dev evaluation (the rule's reference)."""
     from agl.experiment.config import ExperimentConfig
     from agl.experiment.plan import grid_points, run_names, stage_plan as _stage_plan
+    from agl.loss import AGLConfig
 
     cfg = ExperimentConfig(out=str(tmp_path), seeds=[0, 1], methods=["lora", "agl", "ewc"], sweep_agl=[1.0, 10.0],
-                           sweep_budget=[0.1, 0.01], sweep_ewc=[10.0], sweep_seeds=[0])
+                           sweep_budget=[0.1, 0.01], sweep_ewc=[10.0], sweep_seeds=[0], agl=AGLConfig(lambda_align=1.0))
     pts = {p["label"]: p for p in grid_points(cfg)}
     assert set(pts) == {"agl-l1", "agl-l10", "agl-b0.1", "agl-b0.01", "ewc-l10"}
     assert pts["agl-b0.01"]["settings"].align_budget == 0.01 and pts["agl-b0.01"]["strength"] > pts["agl-b0.1"]["strength"]
     assert not pts["ewc-l10"]["settings"].subspaces and pts["ewc-l10"]["settings"].lambda_align == 10.0
     names = run_names(cfg)
-    assert names["agl-l1"] == {0: "agl"}  # the default λ_A = 1: the main AGL run of seed 0
+    assert names["agl-l1"] == {0: "agl"}  # the config's λ_A = 1: the main AGL run of seed 0
     assert names["agl-l10"] == {0: "agl-l10"}
     plan = _stage_plan(cfg)
     assert plan["finetune/agl-b0.01-s0"].key["settings"]["align_budget"] == 0.01

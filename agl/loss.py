@@ -61,7 +61,9 @@ def resolve_backend(backend: str, device) -> str:
 _UNITS = ("nats", "paper")
 # every default weight, per unit system (AGLConfig resolves None to these); docs/MATH.md "Units" says what they mean
 _DEFAULT_WEIGHTS = {
-    "nats": {"lambda_align": 1e4, "lambda_task": 1.0, "lambda_collision": 1.0},  # rule 5, docs/EXPERIMENT.md
+    # rules 5-7 of docs/EXPERIMENT.md on SmolLM2-135M dev data (docs/results/2026-11-30-cpu-calibrated): λ_A from the
+    # seed-0 λ grid; the task and collision terms helped at no weight that kept the task (rule 7), so they are off
+    "nats": {"lambda_align": 1e4, "lambda_task": 0.0, "lambda_collision": 0.0},
     "paper": {"lambda_align": 1e5, "lambda_task": 1e4, "lambda_collision": 1.0},
 }
 _LAMBDA_RANGE = 1e6  # budget mode: λ_align stays within [λ0 / R, λ0 · R] of its initial value λ0

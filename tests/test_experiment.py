@@ -78,7 +78,9 @@ def tiny_config(out, **kw):
         task_train=40, task_dev=8, task_test=12, steps=10, lr=1e-2, batch=4, rank=2, lora_alpha=4, log_every=5,
         eval_n_unsafe=12, eval_n_safe=4, eval_max_new_tokens=6, eval_batch=8, task_max_new_tokens=4,
         task_eval_batch=8, n_boot=50, sweep_agl=[1e4], sweep_ewc=[1e4], safe_lora_fractions=[0.5, 1.0],
-        agl={"backend": "torch", "lambda_align": 1e4},
+        # the task and collision terms on (the package defaults have them off), so the term sweeps' base differs
+        # from the main AGL run
+        agl={"backend": "torch", "lambda_align": 1e4, "lambda_task": 1.0, "lambda_collision": 1.0},
     )
     base.update(kw)
     return ExperimentConfig(**base)

@@ -106,7 +106,7 @@ class AGLConfig:
     Fields:
 
     - ``lambda_align``, ``lambda_task``, ``lambda_collision`` (λ_A, λ_T, λ_NC): None = the default of ``units``
-      (nats: 1, 1, 1; paper: 1e5, 1e4, 1). ``dataclasses.replace`` keeps resolved values: changing ``units`` that way
+      (nats: 1e4, 0, 0, below; paper: 1e5, 1e4, 1). ``dataclasses.replace`` keeps resolved values: changing ``units`` that way
       keeps the old numbers, so set the weights too (or build a new config).
     - ``units``: ``"nats"`` or ``"paper"`` (means over elements and layers with the mean-normalised Fisher, exactly
       the regulariser of agl ≤ the 3-seed run).
@@ -131,14 +131,20 @@ class AGLConfig:
     - ``backend``: ``"auto"`` (the fused kernel when built for the device, else the reference), ``"kernel"``, ``"torch"``.
     - ``per_layer_terms``: also record per-layer values in ``last_terms["layers"]`` (one host sync per step).
 
-    The nats defaults (λ = 1 each) are the unit-free starting point the units were designed for, not yet a
-    measured optimum: one nat of predicted alignment loss, or of collision between the two parts of the update,
-    costs one nat of task loss. The task term's 1 prices a 100% relative change of the weights at one nat, so for
-    LoRA-sized updates (‖ΔW_T‖/‖W0‖ ~ 1e-2, relative size ~1e-4) it barely acts; it must be swept before it is
-    trusted. One probe on the real SmolLM2 base model (``bench/units_probe.py``, docs/MATH.md §7): after 20 LoRA
-    steps align_nats = 1.5e-3, geodesic 3.9e-4, overlap 5e-5 nats/token, task relative size 6.7e-6, all small next
-    to a task loss of ~1 at λ = 1. The experiment (``agl experiment``) sweeps the weights on calibration/dev data against
-    :meth:`AGLLoss.gradient_shares` and the README reports what it finds; the chosen values belong here.
+    The nats defaults are **λ_A = 1e4, λ_T = 0, λ_NC = 0**, chosen on dev data by rules written down before the
+    runs (docs/EXPERIMENT.md, rules 5-7; docs/results/2026-11-30-cpu-calibrated) on SmolLM2-135M-Instruct, 30 LoRA
+    steps of a benign task from an aligned start:
+
+    - λ_A: the largest value of the grid 30 … 1e4 whose task dev EM stayed within 2 points of LoRA's. At λ_A = 1
+      AGL was LoRA; the diagonal-Fisher quadratic form under-predicts the measured rise of the alignment loss by
+      ~300× there (it ranks it correctly), so a nat of ``align_nats`` is worth ~300 measured nats and λ_A = 1e4 is
+      ~30 measured-nat-for-nat. Expect the right λ_A on another model to be within a decade or so; a budget
+      (``align_budget``) or a short λ grid on your own dev data is the way to set it there.
+    - λ_T and λ_NC: each term was swept alone at λ_A = 1e4 (weights giving it 18-95% (task, overlap) and 0.1-86%
+      (geodesic) of the regulariser's gradient). The task and overlap terms lowered the held-out alignment loss but
+      cost more task dev EM than the 2-point tolerance at every weight tried; the geodesic term changed nothing until
+      it cost task EM. None met the rule, so they default to 0: the default regulariser is the Fisher penalty on the
+      alignment subspaces. They stay available (set the weights); ``units="paper"`` keeps the paper's form and weights.
     The paper-unit defaults were measured with ``bench/lambda_scale.py`` (bench/results/lambda_scale.json): on the
     real SmolLM2-135M-Instruct with a refusal-pair state, plain LoRA puts the mean align term at 0.4–1.2e-5, task
     1.4–4.3e-6, overlap 0.6–1.9e-7, geodesic 0.13 after 100–300 steps at lr 2e-4; λ_A = 1e5 makes the alignment

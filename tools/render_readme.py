@@ -204,7 +204,8 @@ def _report_table(folder: str, methods: List[str], seeds: bool) -> str:
                                                            pct(a["task_em"]), "–", "–"]]
     for key in methods:
         m = rep["methods"][key]
-        beta = f"{m['law_beta']:.2f} [{m['law_beta_ci'][0]:.2f}, {m['law_beta_ci'][1]:.2f}]"
+        b, bci = m.get("law_beta"), m.get("law_beta_ci") or [None, None]
+        beta = "–" if b is None or b != b else f"{b:.2f} [{bci[0]:.2f}, {bci[1]:.2f}]"  # no curve: Safe LoRA
         out.append([m["label"]] + ([str(len(m["seeds"]))] if seeds else [])
                    + [pct(m["rr_unsafe_after"]),
                       "(the reference)" if key == "lora" else f"{pct(m['drift_reduction'])} {ci(m['drift_reduction_ci'])}",
@@ -212,6 +213,54 @@ def _report_table(folder: str, methods: List[str], seeds: bool) -> str:
     n = f"{a['n_eval_unsafe']} unsafe + {a['n_eval_safe']} safe eval prompts"
     rel = path.relative_to(ROOT).as_posix()
     return table(head, out) + f"\n{n}; rows: `{rel}`; {describe(rep['provenance'])}.\n"
+
+
+CALIBRATED = "2026-11-30-cpu-calibrated"  # the run that chose and measured the nats defaults (issue 10)
+
+
+def calibrated() -> str:
+    """The defaults' run: methods (with Safe LoRA), the AGL-vs-EWC frontier at EWC's operating point, the goals."""
+    rep = json.loads((DOCS / CALIBRATED / "report.json").read_text())
+    keys = [k for k in ("lora", "agl", "ewc", "safe_lora") if k in rep["methods"]]
+    text = _report_table(CALIBRATED, keys, seeds=True)
+    F = rep.get("frontier") or {}
+    ops = F.get("operating_points") or {}
+    vs = F.get("agl_vs_ewc")
+    lines = []
+    if ops:
+        lines.append("Operating points (pre-registered rule 1, dev EM over seeds " + ", ".join(map(str, F["seeds"]))
+                     + "): " + ", ".join(f"{k} {'none qualifies' if v is None else v['label']}" for k, v in ops.items())
+                     + ".")
+    if vs:
+        lines.append(f"AGL vs EWC at EWC's operating point ({vs['ewc_operating_point']}, task EM {pct(vs['em_matched'])}):"
+                     f" AGL's frontier keeps {100 * vs['rr_gain_at_matched_em']:+.1f} points of RR_unsafe-after over EWC, "
+                     f"95% CI [{100 * vs['ci95'][0]:+.1f}, {100 * vs['ci95'][1]:+.1f}], p = {vs['p_value']:.2g}.")
+    elif F:
+        lines.append(f"AGL vs EWC: not computed ({F.get('agl_vs_ewc_error')}).")
+    for name, g in (rep.get("goals") or {}).items():
+        lines.append(f"Goal `{name}`: {'met' if g['met'] else '**not met**'} (value {g['value']:.3f}, target "
+                     f"{g['target']}{'; ' + g['note'] if g.get('note') else ''}).")
+    return text + "\n" + "\n".join(f"- {l}" for l in lines) + "\n"
+
+
+def term_sweeps() -> str:
+    """Rule 7's choosing run: each extra term's weights with their gradient share, dev EM and dev ΔL_align."""
+    path = DOCS / CALIBRATED / "choosing" / "term-sweeps" / "report.json"
+    rep = json.loads(path.read_text())
+    T = rep["term_sweeps"]
+    base = T["base"]
+    out = [["none (λ_A only)", "0", "–", pct(base["dev_em"]), f"{base['dev_delta_align']:.3f}", "–"]]
+    for term, t in T["terms"].items():
+        for q in t["points"]:
+            out.append([term, f"{q['weight']:g}", "–" if q["grad_share"] is None else pct(q["grad_share"]),
+                        pct(q["dev_em"]), f"{q['dev_delta_align']:.3f}",
+                        "helps, chosen" if t["helps"] and q["weight"] == t["chosen"] else ""])
+    chosen = ", ".join(f"{k} {'%g' % t['chosen'] if t['helps'] else '0 (helps at no weight)'}"
+                       for k, t in T["terms"].items())
+    rel = path.relative_to(ROOT).as_posix()
+    return (table(["term", "weight", "share of the regulariser's gradient", "dev EM", "dev ΔL_align", "rule 7"], out)
+            + f"\nLoRA's dev EM {pct(T['lora_dev_em'])}; λ_A = {rep['config']['agl']['lambda_align']:g}; rule 7 "
+            f"chose: {chosen}. Rows: `{rel}`; {describe(rep['provenance'])}.\n")
 
 
 def demo() -> str:
@@ -256,7 +305,8 @@ def fsdp_memory() -> str:
 
 TABLES: Dict[str, Callable[[], str]] = {
     "h200-ops": h200_ops, "cpu-ops": cpu_ops, "agl-loss": agl_loss, "fisher": fisher, "driftcaps": driftcaps,
-    "demo": demo, "experiment": experiment, "fsdp-memory": fsdp_memory,
+    "demo": demo, "experiment": experiment, "fsdp-memory": fsdp_memory, "calibrated": calibrated,
+    "term-sweeps": term_sweeps,
 }
 
 

@@ -24,32 +24,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _results import RESULTS, append_rows, provenance  # noqa: E402  (bench/_results.py: the one row writer)
 
 SHARES = (0.01, 0.1, 0.5, 0.9)
-# term -> the AGLConfig weights that switch on that term alone at weight 1
-UNIT = {
-    "align": dict(lambda_align=1.0, lambda_task=0.0, lambda_collision=0.0),
-    "task": dict(lambda_align=0.0, lambda_task=1.0, lambda_collision=0.0),
-    "overlap": dict(lambda_align=0.0, lambda_task=0.0, lambda_collision=1.0, alpha=1.0),
-    "geodesic": dict(lambda_align=0.0, lambda_task=0.0, lambda_collision=1.0, alpha=0.0),
-}
 
 
-def unit_norms(model, state, base_config) -> dict:
-    """g_term for each term: the gradient norm of the term alone at weight 1."""
+def unit_norms(model, state, cfg) -> dict:
+    """g_term for align and each term of ``config.SWEEP_TERMS``: the gradient norm of the term at weight 1 (its
+    sweep point ``config.term_settings(cfg, term, 1)``, with λ_A = 1 and no budget)."""
     import dataclasses
 
+    from agl.experiment.config import SWEEP_TERMS, term_settings
     from agl.loss import AGLLoss
 
     out = {}
-    for term, weights in UNIT.items():
-        cfg = dataclasses.replace(base_config, align_budget=None, **weights)
-        out[term] = AGLLoss(model, state, cfg).gradient_shares()[f"grad_norm_{term}"]
+    for term in SWEEP_TERMS:
+        settings = dataclasses.replace(term_settings(cfg, term, 1.0), lambda_align=1.0, align_budget=None)
+        g = AGLLoss(model, state, settings).gradient_shares()
+        out.setdefault("align", g["grad_norm_align"])
+        out[term] = g[f"grad_norm_{term}"]
     return out
 
 
 def weights_for(norms: dict, lambda_align: float) -> dict:
     """term -> {share: weight} from the linear share formula in the module docstring."""
     return {t: {f"{s:g}": lambda_align * norms["align"] / norms[t] * s / (1 - s) for s in SHARES}
-            for t in ("task", "overlap", "geodesic") if norms[t] > 0}
+            for t in norms if t != "align" and norms[t] > 0}
 
 
 def main(argv=None):
@@ -71,7 +68,7 @@ def main(argv=None):
     model, _ = ctx.tuned(a.run, a.seed)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
-    norms = unit_norms(model, _load_state(ctx), cfg.agl)
+    norms = unit_norms(model, _load_state(ctx), cfg)
     row = {"run": a.run, "seed": a.seed, "model": cfg.model, "steps": cfg.steps, "grad_norm_per_unit_weight": norms,
            "lambda_align": a.lambda_align, "weights_for_share": weights_for(norms, a.lambda_align)}
     print(json.dumps(row, indent=1))

@@ -200,6 +200,43 @@ def _forward_logits(model: nn.Module, batch: Mapping[str, Tensor], device) -> Te
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def backward_summed_losses(net: nn.Module, sub: Mapping[str, Tensor], ids: Sequence[int], device, fisher: str,
+                           seed: int):
+    """One forward of the sub-batch and a backward of Σ_i (sample i's summed token loss), with the data's labels
+    (``fisher="empirical"``) or labels drawn from the model (``"true"``, seeded per sample id): what the hooks
+    of every per-sample-gradient estimator see. Returns (labels used, whether a backward ran)."""
+    labels = _labels_of(sub).to(device)
+    logits = _forward_logits(net, sub, device)
+    if fisher == "true":
+        labels = _sample_true_labels(logits.detach(), labels, ids, seed)
+    loss = per_sample_losses(logits, labels).sum()
+    if loss.requires_grad:
+        loss.backward()
+        return labels, True
+    return labels, False
+
+
+def hooked_passes(net: nn.Module, batches, handles, bar, *, max_samples, rank: int, world: int, pad_empty: bool,
+                  device, fisher: str, seed: int):
+    """Runs :func:`backward_summed_losses` over this rank's samples of ``batches`` (model frozen, eval mode),
+    yielding (sample ids, labels used, whether a backward ran) per sub-batch; removes the hook ``handles`` and
+    closes the progress ``bar`` at the end, also on an error. The hooks do the estimator's work."""
+    try:
+        with _Frozen(net), torch.enable_grad():
+            for sub, ids, n_batch in _iter_samples(batches, max_samples, rank, world, pad_empty):
+                if bar is not None:
+                    bar.update(n_batch)
+                if sub is None:
+                    continue
+                labels, ran = backward_summed_losses(net, sub, ids, device, fisher, seed)
+                yield ids, labels, ran
+    finally:
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
+
+
 class _Frozen:
     """Context: eval mode and every parameter frozen; restores both."""
 
@@ -305,6 +342,7 @@ def estimate_alignment_state(
     seed: int = 0,
     split_across_ranks: bool = True,
     chunk_elems: int = _CHUNK_ELEMS,
+    cross_curvature: bool = False,
 ) -> AlignmentState:
     """Estimate the alignment Fisher and subspaces of ``model`` on ``batches``; returns an :class:`AlignmentState`.
 
@@ -321,8 +359,16 @@ def estimate_alignment_state(
     :class:`agl.sharded_state.ShardedAlignmentState` (its rows of every Fisher; see ``agl.sharded_fisher``); every
     rank must then run the same number of batches (with ``split_across_ranks=False``, the same number per rank).
     The model is put in eval mode with frozen parameters during estimation and restored afterwards.
+    ``cross_curvature``: also store the per-sample gradients projected on the subspaces (``C``, what
+    ``AGLConfig(curvature="cross")`` needs) by a second pass over the same ``batches`` once U and V are known
+    (``agl.curvature.estimate_cross_curvature``; ``batches`` must then be re-iterable, e.g. a list; single process).
     """
     _check_options(fisher, energy, max_rank, max_samples)
+    if cross_curvature and not subspaces:
+        raise ValueError("agl: `cross_curvature=True` needs `subspaces=True` (C is the gradient projected on U and V)")
+    if cross_curvature and iter(batches) is batches:
+        raise ValueError("agl: `cross_curvature=True` reads `batches` twice: pass a list (or another re-iterable), "
+                         "not an iterator or generator")
     net = unwrap_model(model)
     targets = resolve_targets(net, modules)
     dist, rank, world = _dist_info()
@@ -377,27 +423,11 @@ def estimate_alignment_state(
             n_all = sum(int(b["input_ids"].shape[0]) for b in batches if "input_ids" in b)
             total = n_all if max_samples is None else min(n_all, max_samples)
         bar = tqdm(total=total, desc="agl fisher", unit="sample")
-    try:
-        with _Frozen(net), torch.enable_grad():
-            for sub, ids, n_batch in _iter_samples(batches, max_samples, split_rank, split_world, fsdp2 is not None):
-                if bar is not None:
-                    bar.update(n_batch)
-                if sub is None:
-                    continue
-                labels = _labels_of(sub).to(device)
-                logits = _forward_logits(net, sub, device)
-                if fisher == "true":
-                    labels = _sample_true_labels(logits.detach(), labels, ids, seed)
-                loss = per_sample_losses(logits, labels).sum()
-                if loss.requires_grad:
-                    loss.backward()
-                count += len(ids)
-                tokens += _labelled_tokens(labels)
-    finally:
-        for h in handles:
-            h.remove()
-        if bar is not None:
-            bar.close()
+    for ids, labels, _ in hooked_passes(net, batches, handles, bar, max_samples=max_samples, rank=split_rank,
+                                        world=split_world, pad_empty=fsdp2 is not None, device=device, fisher=fisher,
+                                        seed=seed):
+        count += len(ids)
+        tokens += _labelled_tokens(labels)
     if dist is not None:
         count_t = torch.tensor([float(count), float(tokens)], dtype=torch.float64, device=device)
         dist.all_reduce(count_t)
@@ -416,8 +446,18 @@ def estimate_alignment_state(
         return finish_sharded(accs, count, tokens, energy=energy, max_rank=max_rank, subspaces=subspaces,
                               keep_moments=keep_moments, dtype=dtype, options=options, top_eigvecs=_top_eigvecs,
                               group=fsdp2)
-    return _finish(accs, count, energy=energy, max_rank=max_rank, subspaces=subspaces, keep_moments=keep_moments,
-                   dtype=dtype, options=options, dist=dist, tokens=tokens)
+    if cross_curvature and fsdp2 is not None:
+        raise NotImplementedError("agl: `cross_curvature=True` is not supported on FSDP2 models yet; estimate the "
+                                  "state on an unsharded copy of the model")
+    state = _finish(accs, count, energy=energy, max_rank=max_rank, subspaces=subspaces, keep_moments=keep_moments,
+                    dtype=dtype, options=options, dist=dist, tokens=tokens)
+    if cross_curvature:
+        from agl.curvature import estimate_cross_curvature
+
+        estimate_cross_curvature(model, batches, state, modules=list(targets), fisher=fisher,
+                                 max_samples=max_samples, seed=seed, progress=progress, dtype=dtype)
+        state.options["cross_curvature"] = True
+    return state
 
 
 def estimate_alignment_state_loop(

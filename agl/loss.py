@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from agl.curvature import CrossCurvature
 from agl.distributed import sharded_terms_for, sq_norm
 from agl.functional import agl_terms_grouped
 from agl.peft_binding import LayerFilter, LoraBinding, find_lora_layers
@@ -59,6 +60,7 @@ def resolve_backend(backend: str, device) -> str:
 
 
 _UNITS = ("nats", "paper")
+_CURVATURES = ("diagonal", "cross")  # the metric of the align term (AGLConfig.curvature; agl.curvature)
 # every default weight, per unit system (AGLConfig resolves None to these); docs/MATH.md "Units" says what they mean
 _DEFAULT_WEIGHTS = {
     # rules 5-7 of docs/EXPERIMENT.md on SmolLM2-135M dev data (docs/results/2026-11-30-cpu-calibrated): λ_A from the
@@ -169,6 +171,7 @@ class AGLConfig:
     align_budget: Optional[float] = None
     budget_lr: float = 0.3
     budget_horizon: float = 10.0
+    curvature: str = "diagonal"
 
     @classmethod
     def ewc(cls, lambda_align: Optional[float] = None, **kw) -> "AGLConfig":
@@ -184,6 +187,12 @@ class AGLConfig:
     def __post_init__(self):
         if self.units not in _UNITS:
             raise ValueError(f"AGLConfig: `units` must be one of {_UNITS}, got {self.units!r}")
+        if self.curvature not in _CURVATURES:
+            raise ValueError(f"AGLConfig: `curvature` must be one of {_CURVATURES}, got {self.curvature!r}")
+        if self.curvature == "cross" and (self.units != "nats" or self.subspaces is False):
+            raise ValueError("AGLConfig: `curvature='cross'` is the empirical Fisher's quadratic form on the alignment "
+                             "subspaces, in nats: it needs units='nats' and subspaces=True, got "
+                             f"units={self.units!r}, subspaces={self.subspaces!r}")
         for name, default in _DEFAULT_WEIGHTS[self.units].items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
@@ -276,6 +285,7 @@ class AGLLoss:
         ]
         # FSDP2 (DTensor factors) or a row-sharded state: this rank holds only its Fisher rows (agl.distributed)
         self._sharded = sharded_terms_for(self.entries, state, task_state, self.config)
+        self._cross = self._cross_curvature(state) if self.config.curvature == "cross" else None
         # unit conversions (docs/MATH.md, "Units"): nats per unit of Σ F̃ ΔW² for the alignment and the task Fisher,
         # and Σ_l ‖W0_l‖² for the relative size of the task part when there is no task Fisher
         self._numel = torch.tensor([e.numel for e in self.entries], dtype=torch.float64)
@@ -315,24 +325,63 @@ class AGLLoss:
             e.cache[key] = hit
         return hit
 
-    def _term_matrix(self, backend: str) -> Tensor:
+    def _cross_curvature(self, state: AlignmentState) -> CrossCurvature:
+        """The cross-layer penalty over the entries whose layer has U, V and C (``agl.curvature``)."""
+        if self._sharded is not None:
+            raise NotImplementedError("AGLLoss: curvature='cross' is not supported under FSDP2 / a sharded state yet "
+                                      "(z_n needs every layer's UᵀB; use curvature='diagonal' there)")
+        if not state.has_cross:
+            raise ValueError("AGLLoss: curvature='cross' needs the per-sample gradients projected on the subspaces, "
+                             "and this state has none: estimate it with estimate_alignment_state(..., "
+                             "cross_curvature=True) or add them with agl.curvature.estimate_cross_curvature")
+        self._cross_idx = [i for i, e in enumerate(self.entries) if state.layers[e.name].C is not None]
+        if not self._cross_idx:
+            raise ValueError("AGLLoss: curvature='cross': none of the adapted layers has a projected gradient C")
+        Us, Vs, Cs = [], [], []
+        for i in self._cross_idx:
+            ls = self.state.layers[self.entries[i].name]
+            if tuple(ls.C.shape[1:]) != (ls.U.shape[1], ls.V.shape[1]):
+                raise ValueError(f"AGLLoss: {self.entries[i].name}: C is {tuple(ls.C.shape)}, expected (N, "
+                                 f"{ls.U.shape[1]}, {ls.V.shape[1]}) from its U and V")
+            Us.append(ls.U)
+            Vs.append(ls.V)
+            Cs.append(ls.C)
+        return CrossCurvature(Us, Vs, Cs, state.cross_tokens)
+
+    def _factors(self):
+        """(Ls, Rs, scales): every entry's update in the base weight's orientation, ΔW = s · L @ R."""
+        Ls, Rs, scales = [], [], []
+        for e in self.entries:
+            A, B = e.A, e.B
+            L, R = (A.t(), B.t()) if e.binding.fan_in_fan_out else (B, A)
+            Ls.append(L)
+            Rs.append(R)
+            scales.append(e.scaling)
+        return Ls, Rs, scales
+
+    def cross_nats(self, factors=None) -> Tensor:
+        """The cross-layer align_nats ½·(1/ΣT)·Σ_n z_n² of the current factors (``agl.curvature``); needs
+        ``config.curvature == "cross"``."""
+        if self._cross is None:
+            raise ValueError("AGLLoss.cross_nats: the config's curvature is not 'cross'")
+        Ls, Rs, scales = factors or self._factors()
+        idx = self._cross_idx
+        return self._cross([Ls[i] for i in idx], [Rs[i] for i in idx], [scales[i] for i in idx])[0]
+
+    def _term_matrix(self, backend: str, factors=None) -> Tensor:
         """The (L, 4) terms (align, task, overlap, geodesic) of every entry, rows in ``self.entries`` order, from one
         ``agl_terms_grouped`` call: the op forms B_align = U (Uᵀ B), A_align = (A V) Vᵀ itself, so a step dispatches
         the same few ops whatever the number of layers (``fan_in_fan_out`` layers add one transpose each)."""
         if self._sharded is not None:  # FSDP2: each rank sums its Fisher rows; sums all-reduced (agl.distributed)
             return self._sharded.term_matrix(backend)
-        Ls, Rs, Fs, Hs, Us, Vs, scales = [], [], [], [], [], [], []
-        for e in self.entries:
-            A, B = e.A, e.B
-            L, R = (A.t(), B.t()) if e.binding.fan_in_fan_out else (B, A)  # weight orientation: ΔW = s · L @ R
+        Ls, Rs, scales = factors or self._factors()
+        Fs, Hs, Us, Vs = [], [], [], []
+        for e, L in zip(self.entries, Ls):
             F, H, U, V = self._tensors(e, L.device, L.dtype)
-            Ls.append(L)
-            Rs.append(R)
             Fs.append(F)
             Hs.append(H)
             Us.append(U)
             Vs.append(V)
-            scales.append(e.scaling)
         c = self.config
         return agl_terms_grouped(Ls, Rs, Us=Us, Vs=Vs, fishers=Fs, task_metrics=Hs if any(h is not None for h in Hs)
                                  else None, scales=scales, beta=c.beta, tau=c.tau, sharpness=c.sharpness, eps=c.eps,
@@ -380,8 +429,12 @@ class AGLLoss:
     def _weighted(self):
         """(T, terms in units, λ_A in force, the four weighted terms) for the factors as they are now."""
         c = self.config
-        T = self._term_matrix(resolve_backend(c.backend, self.entries[0].B.device))
+        factors = self._factors()
+        T = self._term_matrix(resolve_backend(c.backend, self.entries[0].B.device), factors)
         u = self.unit_terms(T)
+        if self._cross is not None:  # the align term in the cross-layer metric (agl.curvature)
+            u["align_nats_diagonal"] = u["align_nats"]
+            u["align_nats"] = u["align"] = self.cross_nats(factors)
         lam_a = self._lambda_align_tensor(T)
         parts = {
             "align": lam_a * u["align"],
@@ -405,6 +458,8 @@ class AGLLoss:
                       for k, v in parts.items()}
         self._last = {**{k: u[k].detach() for k in _TERMS}, "collision": collision.detach(), "regularizer": reg.detach(),
                       "align_nats": u["align_nats"].detach(), "lambda_align": lam_a.detach(), **shares}
+        if "align_nats_diagonal" in u:
+            self._last["align_nats_diagonal"] = u["align_nats_diagonal"].detach()
         self._last_layers = None
         if c.per_layer_terms:
             Td = T.detach()

@@ -1,7 +1,8 @@
 """``AlignmentState``: per-layer alignment Fisher and subspaces, saved as safetensors with a JSON header.
 
 File format (``FORMAT_VERSION`` 1): one ``.safetensors`` file. Tensors are named ``"<layer>/fisher"`` (m x n),
-``"<layer>/U"`` (m x k) and ``"<layer>/V"`` (n x k'); the safetensors ``__metadata__`` holds one key, ``"agl"``, a JSON
+``"<layer>/U"`` (m x k), ``"<layer>/V"`` (n x k') and, with a cross-layer curvature, ``"<layer>/C"`` (N x k x k': the
+per-sample gradients projected on U and V, ``agl.curvature``); the safetensors ``__metadata__`` holds one key, ``"agl"``, a JSON
 object ``{"format": "agl.alignment_state", "version": 1, "layers": {name: {"shape": [m, n], "rank_U": k|null,
 "rank_V": k'|null}}, "names": [layer order], "num_samples": N, "num_tokens": T, "fisher_scale": s, "fisher_dtype": "float32"|"bfloat16",
 "options": {...}, "sha256": {tensor name: hex digest}}``. ``num_tokens`` (the labelled tokens that carried the loss) was
@@ -9,7 +10,8 @@ added later within version 1: a file without it loads with ``num_tokens = 0`` (u
 ignore it. ``sha256`` (also added within version 1; older readers ignore it) is a digest per tensor of its name,
 dtype, shape and bytes: ``load`` recomputes it and refuses a file whose tensors changed after saving (a flipped bit in
 the Fisher would otherwise load silently and change the regulariser); a file without it (an older save) loads with a
-warning.
+warning. ``cross`` (also added within version 1; absent without a cross-layer curvature) is ``{"samples": N,
+"tokens": ΣT}``: the samples whose projected gradients ``C`` hold and their labelled tokens.
 ``m x n`` is the base weight's shape as stored (``(out, in)`` for ``nn.Linear``, ``(in, out)`` for ``fan_in_fan_out``).
 Loading never unpickles (safetensors only); saving is atomic (temporary file in the same folder, then ``os.replace``).
 """
@@ -39,13 +41,15 @@ _FORMAT = "agl.alignment_state"
 class LayerState:
     """One layer: ``fisher`` (m x n, globally normalised to mean 1 over all layers), ``U`` (m x k, orthonormal
     columns: top eigenvectors of S_out = mean_i G_i G_i^T) or None, ``V`` (n x k') or None. ``S_out``/``S_in`` are
-    kept only when estimation asked for them (``keep_moments=True``) and are never saved."""
+    kept only when estimation asked for them (``keep_moments=True``) and are never saved. ``C`` (N x k x k'):
+    the per-sample gradients projected on U and V (``agl.curvature.estimate_cross_curvature``), or None."""
 
     fisher: Tensor
     U: Optional[Tensor] = None
     V: Optional[Tensor] = None
     S_out: Optional[Tensor] = None
     S_in: Optional[Tensor] = None
+    C: Optional[Tensor] = None
 
     @property
     def shape(self) -> tuple:
@@ -114,6 +118,14 @@ class AlignmentState:
     fisher_scale: float = 1.0  # raw mean Fisher over all layers; fisher = raw / fisher_scale
     options: Dict[str, Any] = field(default_factory=dict)
     num_tokens: int = 0  # labelled tokens of the estimation data (0: unknown, e.g. a file from an older agl)
+    cross_samples: int = 0  # samples behind the layers' C (0: no cross-layer curvature)
+    cross_tokens: int = 0  # their labelled tokens ΣT (the cross penalty's normaliser)
+
+    @property
+    def has_cross(self) -> bool:
+        """True when every layer with both subspaces holds its projected per-sample gradients ``C``."""
+        with_uv = [ls for ls in self.layers.values() if ls.U is not None and ls.V is not None]
+        return self.cross_samples > 0 and bool(with_uv) and all(ls.C is not None for ls in with_uv)
 
     @property
     def tokens_per_sample(self) -> Optional[float]:
@@ -153,7 +165,7 @@ class AlignmentState:
             if "/" in name:
                 raise ValueError(f"agl: layer name {name!r} contains '/', which the file format reserves")
             tensors[f"{name}/fisher"] = ls.fisher.detach().to("cpu", fisher_dtype).contiguous()
-            for key in ("U", "V"):
+            for key in ("U", "V", "C"):
                 t = getattr(ls, key)
                 if t is not None:
                     dt = t.dtype if t.dtype == torch.float64 else torch.float32
@@ -175,6 +187,8 @@ class AlignmentState:
             "options": self.options,
             "sha256": {n: tensor_digest(n, t) for n, t in tensors.items()},
         }
+        if self.cross_samples:
+            meta["cross"] = {"samples": int(self.cross_samples), "tokens": int(self.cross_tokens)}
         with atomic_output(target) as tmp:
             save_file(tensors, str(tmp), metadata={"agl": json.dumps(meta, sort_keys=True)})
         return target
@@ -214,10 +228,12 @@ class AlignmentState:
                 raise ValueError(f"agl: {target!r} is corrupt: the header lists layer {name!r} but the file has no {name}/fisher")
             if list(fisher.shape) != list(lm["shape"]):
                 raise ValueError(f"agl: {target!r} is corrupt: {name}/fisher has shape {tuple(fisher.shape)}, header says {lm['shape']}")
-            U, V = stored.get(f"{name}/U"), stored.get(f"{name}/V")
-            layers[name] = LayerState(*(None if t is None else t.to(device) for t in (fisher, U, V)))
+            U, V, C = stored.get(f"{name}/U"), stored.get(f"{name}/V"), stored.get(f"{name}/C")
+            fisher, U, V, C = (None if t is None else t.to(device) for t in (fisher, U, V, C))
+            layers[name] = LayerState(fisher, U, V, C=C)
+        cross = meta.get("cross") or {}
         return cls(layers, int(meta.get("num_samples", 0)), float(meta.get("fisher_scale", 1.0)), dict(meta.get("options", {})),
-                   int(meta.get("num_tokens", 0)))
+                   int(meta.get("num_tokens", 0)), int(cross.get("samples", 0)), int(cross.get("tokens", 0)))
 
     # ------------------------------------------------------------------ validation
     def check(self, model, layers=None) -> None:

@@ -246,6 +246,8 @@ def agl_settings(c: AGLConfig) -> Dict[str, Any]:
                              "stored in the config)")
         if callable(v):
             raise ValueError(f"`agl.{f.name}`: a callable cannot be stored in the config; use a regex or names")
+        if f.name == "curvature" and v == "diagonal":
+            continue  # the field's default before it existed: keys of runs without it stay as they were
         out[f.name] = v
     return out
 

@@ -1,0 +1,182 @@
+"""The cross-layer curvature (agl/curvature.py): C against brute-force per-sample gradients, the penalty against the
+brute-force quadratic form, gradients, persistence, AGLLoss wiring and errors."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _tiny import tiny_batches, tiny_llama  # noqa: E402
+
+from agl.curvature import cross_align_nats, estimate_cross_curvature  # noqa: E402
+from agl.fisher import estimate_alignment_state, per_sample_losses  # noqa: E402
+from agl.peft_binding import find_lora_layers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return tiny_llama(dtype=torch.float64, init_b=0.05)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_batches(6, 3)
+
+
+@pytest.fixture(scope="module")
+def state64(model64, data):
+    return estimate_alignment_state(model64, data, max_rank=6, energy=0.99, progress=False, dtype=torch.float64,
+                                    cross_curvature=True)
+
+
+def _per_sample_grads(model, data):
+    """{layer: (N, m, n)} gradients of each sample's summed token loss w.r.t. the base weights (one backward per
+    sample), and the labelled token count."""
+    from agl.peft_binding import named_lora_layers
+
+    lora = named_lora_layers(model)
+    W = {n: m.get_base_layer().weight for n, m in lora.items()}
+    grads = {n: [] for n in W}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    tokens = 0
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for w in W.values():
+            w.requires_grad_(True)
+        for b in data:
+            for i in range(b["input_ids"].shape[0]):
+                one = {k: v[i:i + 1] for k, v in b.items()}
+                out = model(input_ids=one["input_ids"], attention_mask=one["attention_mask"], use_cache=False)
+                loss = per_sample_losses(out.logits, one["labels"]).sum()
+                g = torch.autograd.grad(loss, list(W.values()))
+                for n, gi in zip(W, g):
+                    grads[n].append(gi.detach())
+                tokens += int((one["labels"][:, 1:] != -100).sum())
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+    return {n: torch.stack(v) for n, v in grads.items()}, tokens
+
+
+@pytest.fixture(scope="module")
+def brute(model64, data):
+    return _per_sample_grads(model64, data)  # at the model the state was estimated at (adapter included)
+
+
+def _updates(model):
+    """{layer: ΔW = s·B·A} of the active adapter, in the base weight's orientation."""
+    out = {}
+    for b in find_lora_layers(model):
+        a = b.adapters[0]
+        out[b.name] = (a.scaling * (a.B @ a.A)).detach()
+    return out
+
+
+def test_C_is_the_projected_per_sample_gradient(state64, brute):
+    G, tokens = brute
+    assert state64.cross_samples == 6 and state64.cross_tokens == tokens
+    for name, ls in state64.layers.items():
+        want = ls.U.T @ G[name] @ ls.V
+        torch.testing.assert_close(ls.C, want, rtol=1e-9, atol=1e-12)
+
+
+def test_penalty_is_the_bruteforce_quadratic_form(model64, state64, brute):
+    G, tokens = brute
+    D = _updates(model64)
+    z = torch.zeros(6, dtype=torch.float64)
+    for name, ls in state64.layers.items():
+        DA = ls.U @ ls.U.T @ D[name] @ ls.V @ ls.V.T
+        z += (G[name] * DA).sum(dim=(1, 2))
+    want = 0.5 * (z * z).sum() / tokens
+    from agl.loss import AGLConfig, AGLLoss
+
+    loss = AGLLoss(model64, state64, AGLConfig(curvature="cross", lambda_align=2.0))
+    reg = loss.regularizer()
+    torch.testing.assert_close(loss.last_terms["align_nats"], float(want), rtol=1e-9, atol=0)
+    torch.testing.assert_close(reg, 2.0 * want, rtol=1e-9, atol=0)
+    # the diagonal prediction is logged beside it and is a different number
+    assert loss.last_terms["align_nats_diagonal"] != pytest.approx(float(want), rel=1e-3)
+
+
+def test_gradcheck_float64(state64):
+    g = torch.Generator().manual_seed(0)
+    names = list(state64.layers)[:3]
+    Ls, Rs, Us, Vs, Cs = [], [], [], [], []
+    for n in names:
+        ls = state64.layers[n]
+        m, k = ls.U.shape
+        nn_, k2 = ls.V.shape
+        Ls.append(torch.randn(m, 3, generator=g, dtype=torch.float64, requires_grad=True))
+        Rs.append(torch.randn(3, nn_, generator=g, dtype=torch.float64, requires_grad=True))
+        Us.append(ls.U)
+        Vs.append(ls.V)
+        Cs.append(ls.C)
+    scales = [0.5, 2.0, 1.0]
+    f = lambda *a: cross_align_nats(a[:3], a[3:], Us, Vs, Cs, scales, 17.0)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (*Ls, *Rs))
+    # a gradient that is not 1
+    out = f(*Ls, *Rs)
+    (gL,) = torch.autograd.grad(3.5 * out, Ls[0])
+    (gL1,) = torch.autograd.grad(f(*Ls, *Rs), Ls[0])
+    torch.testing.assert_close(gL, 3.5 * gL1)
+
+
+def test_save_load_keeps_C(tmp_path, state64):
+    from agl.state import AlignmentState
+
+    state64.save(tmp_path)
+    back = AlignmentState.load(tmp_path)
+    assert back.has_cross and back.cross_samples == state64.cross_samples
+    assert back.cross_tokens == state64.cross_tokens
+    for n, ls in state64.layers.items():
+        assert torch.equal(back.layers[n].C, ls.C)  # float64 stays float64 (float32 otherwise)
+
+
+def test_float32_model_matches_float64(state64, data):
+    m32 = tiny_llama(dtype=torch.float32, init_b=0.05)
+    s32 = estimate_alignment_state(m32, data, max_rank=6, energy=0.99, progress=False, cross_curvature=True)
+    for n, ls in s32.layers.items():
+        # subspaces may differ in sign/rotation: compare the basis-free projector form U C Vᵀ
+        a = ls.U.double() @ ls.C.double() @ ls.V.double().transpose(0, 1)
+        b = state64.layers[n].U @ state64.layers[n].C @ state64.layers[n].V.T
+        if ls.U.shape == state64.layers[n].U.shape and ls.V.shape == state64.layers[n].V.shape:
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3 * float(b.abs().max()))
+
+
+def test_errors(model64, data, state64):
+    from agl.loss import AGLConfig, AGLLoss
+
+    with pytest.raises(ValueError, match="curvature"):
+        AGLConfig(curvature="full")
+    with pytest.raises(ValueError, match="subspaces"):
+        AGLConfig(curvature="cross", subspaces=False)
+    with pytest.raises(ValueError, match="units"):
+        AGLConfig(curvature="cross", units="paper")
+    plain = estimate_alignment_state(model64, data, max_rank=6, progress=False, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cross_curvature=True"):
+        AGLLoss(model64, plain, AGLConfig(curvature="cross"))
+    with pytest.raises(ValueError, match="re-iterable"):
+        estimate_alignment_state(model64, iter(data), progress=False, cross_curvature=True)
+    with pytest.raises(ValueError, match="subspaces"):
+        estimate_alignment_state(model64, data, progress=False, subspaces=False, cross_curvature=True)
+    nouv = estimate_alignment_state(model64, data, progress=False, subspaces=False)
+    with pytest.raises(ValueError, match="U and V"):
+        estimate_cross_curvature(model64, data, nouv, progress=False)
+
+
+def test_cross_budget_meters_the_cross_nats(model64, state64, data):
+    """Budget mode with the cross metric steers λ on the cross align_nats, not on the diagonal one."""
+    import copy
+
+    from agl.loss import AGLConfig, AGLLoss
+
+    model = copy.deepcopy(model64)
+    reg = AGLLoss(model, state64, AGLConfig(curvature="cross", align_budget=1e-6, lambda_align=1.0))
+    reg.regularizer()
+    a = reg.last_terms["align_nats"]
+    assert a == pytest.approx(float(reg.cross_nats()), rel=1e-12)
+    assert reg.lambda_align > 1.0  # far over the budget: the multiplier rose

@@ -162,6 +162,11 @@ def test_pipeline_end_to_end(tmp_path):
     assert "## Term sweeps" in (out / "report" / "report.md").read_text()
     pred = rep["prediction"]
     assert pred["align"]["n_points"] >= 6 and pred["align"]["ratio"] is not None
+    # one entry per curvature; the cross-layer one is logged at every point of every fine-tune (the state has C)
+    assert {"diagonal", "diagonal_full", "cross"} <= set(pred)
+    assert pred["cross"]["n_points"] == pred["diagonal"]["n_points"]
+    assert [pred[k]["default"] for k in ("diagonal", "cross")].count(True) == 1
+    assert all(p["pred_cross_nats"] >= 0 for p in pred["points"])
     # Safe LoRA: LoRA's adapter projected at a threshold chosen on dev data; before/after logged
     th = json.loads((out / "safe_lora" / "threshold" / "threshold.json").read_text())
     assert [c["fraction"] for c in th["candidates"]] == [0.5, 1.0]
@@ -483,6 +488,11 @@ def test_prediction_quality():
     q = prediction_quality(pts, n_boot=100)
     assert q["ratio"] == pytest.approx(2.0) and q["spearman"] == pytest.approx(1.0) and q["n_runs"] == 4
     assert q["ratio_ci"] == pytest.approx([2.0, 2.0])
+    assert q["median_point_ratio"] == pytest.approx(2.0) and q["median_point_ratio_ci"] == pytest.approx([2.0, 2.0])
+    # one point over-predicted 10x moves the pooled ratio, not the median (the goal's statistic is robust)
+    pts[-1]["pred_align_nats"] *= 10
+    q2 = prediction_quality(pts, n_boot=100)
+    assert q2["ratio"] < 1.5 and q2["median_point_ratio"] == pytest.approx(2.0)
 
 
 def test_grid_plan_budget_points_and_shared_runs(tmp_path):

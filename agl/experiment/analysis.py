@@ -14,7 +14,10 @@ from agl.experiment.frontier import choose_operating_point, frontier_gain, predi
 
 __all__ = ["prediction_section", "frontier_section", "markdown_sections", "plots", "save_png"]
 
-_KEYS = ("pred_align_nats", "pred_full_nats")
+_KEYS = ("pred_align_nats", "pred_full_nats")  # every train log has these; pred_cross_nats only with a cross state
+# one prediction entry per curvature: name -> (the probe's key, the AGLConfig curvature it is, what it predicts on)
+CURVATURES = {"diagonal": ("pred_align_nats", "diagonal", "ΔW_A"), "diagonal_full": ("pred_full_nats", None, "ΔW"),
+              "cross": ("pred_cross_nats", "cross", "ΔW_A")}
 
 
 def _read(path):
@@ -38,7 +41,7 @@ def prediction_points(paths: Dict[str, str]) -> List[dict]:
         for c in seq:
             if all(k in c for k in _KEYS):
                 pts.append({"run": name, "method": log["method"], "step": c["step"], "measured": c["delta_align_loss"],
-                            **{k: c[k] for k in _KEYS}})
+                            **{k: c[k] for k, _, _ in CURVATURES.values() if k in c}})
     return pts
 
 
@@ -50,9 +53,25 @@ def prediction_section(cfg, paths: Dict[str, str]) -> dict:
         meas = sum(p["measured"] for p in sel)
         per_method[m] = {"n_points": len(sel), **{f"ratio_{k[5:-5]}": (meas / s if s > 0 else math.nan)
                                                   for k in _KEYS for s in [sum(p[k] for p in sel)]}}
-    return {"align": prediction_quality(pts, key="pred_align_nats", n_boot=cfg.n_boot),
-            "full": prediction_quality(pts, key="pred_full_nats", n_boot=cfg.n_boot),
-            "per_method": per_method, "points": pts}
+    from agl.loss import AGLConfig
+
+    default = AGLConfig().curvature
+    out = {"align": prediction_quality(pts, key="pred_align_nats", n_boot=cfg.n_boot),
+           "full": prediction_quality(pts, key="pred_full_nats", n_boot=cfg.n_boot),
+           "per_method": per_method, "points": pts}
+    for name, (key, curvature, on) in CURVATURES.items():
+        sel = [p for p in pts if key in p]
+        if not sel:
+            continue
+        q = prediction_quality(sel, key=key, n_boot=cfg.n_boot)
+        out[name] = {"median_ratio": q["median_point_ratio"], "ci95": q.get("median_point_ratio_ci"),
+                     "spearman": q["spearman"], "spearman_ci": q["spearman_ci"], "n_points": q["n_points"],
+                     "n_runs": q.get("n_runs"), "pooled_ratio": q["ratio"], "key": key, "on": on,
+                     "default": curvature == default,
+                     "per_method": {m: float(np.median([p["measured"] / p[key] for p in sel
+                                                        if p["method"] == m and p[key] > 0] or [math.nan]))
+                                    for m in dict.fromkeys(p["method"] for p in sel)}}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- frontier
@@ -177,6 +196,15 @@ def markdown_sections(report: dict) -> List[str]:
             rc, sc = q.get("ratio_ci") or [None, None], q.get("spearman_ci") or [None, None]
             lines.append(f"| {k} | {q.get('n_points')} | {q.get('n_runs', '–')} | {_num(q.get('ratio'))} "
                          f"[{_num(rc[0])}, {_num(rc[1])}] | {_num(q.get('spearman'))} [{_num(sc[0])}, {_num(sc[1])}] |")
+        lines += ["", "Per curvature (issue 17's goal: median measured/predicted in [0.5, 2], Spearman ≥ 0.8):", "",
+                  "| curvature | on | points | median measured/predicted (95% CI) | Spearman ρ | default |",
+                  "|---|---|---|---|---|---|"]
+        for name in CURVATURES:
+            q = P.get(name)
+            if q:
+                ci = q.get("ci95") or [None, None]
+                lines.append(f"| {name} | {q['on']} | {q['n_points']} | {_num(q['median_ratio'])} [{_num(ci[0])}, "
+                             f"{_num(ci[1])}] | {_num(q['spearman'], 2)} | {'yes' if q['default'] else ''} |")
         lines.append("")
     F = report.get("frontier")
     if F:
@@ -226,21 +254,26 @@ def plots(report: dict, out_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     pts = (report.get("prediction") or {}).get("points") or []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, title in ((axes[0], "pred_align_nats", "alignment part ΔW_A"), (axes[1], "pred_full_nats", "whole ΔW")):
+    panels = [("pred_align_nats", "diagonal, ΔW_A"), ("pred_full_nats", "diagonal, whole ΔW")]
+    if any("pred_cross_nats" in p for p in pts):
+        panels.append(("pred_cross_nats", "cross-layer, ΔW_A"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5))
+    for ax, (key, title) in zip(axes, panels):
         for i, m in enumerate(dict.fromkeys(p["method"] for p in pts)):
-            sel = [p for p in pts if p["method"] == m and p[key] > 0 and p["measured"] > 0]
+            sel = [p for p in pts if p["method"] == m and p.get(key, 0) > 0 and p["measured"] > 0]
             if sel:
                 ax.scatter([p[key] for p in sel], [p["measured"] for p in sel], s=12, alpha=0.7, color=f"C{i % 10}",
                            label=m)
-        pos = [v for p in pts for v in (p[key], p["measured"]) if v > 0]
+        pos = [v for p in pts if key in p for v in (p[key], p["measured"]) if v > 0]
         if pos:
             lo, hi = min(pos), max(pos)
             ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = predicted")
             ax.set_xscale("log")
             ax.set_yscale("log")
-        q = (report.get("prediction") or {}).get(key[5:-5]) or {}
-        ax.set_title(f"{title}: ratio {_num(q.get('ratio'))}, ρ {_num(q.get('spearman'), 2)}", fontsize=9)
+        name = next(n for n, (k, _, _) in CURVATURES.items() if k == key)
+        q = (report.get("prediction") or {}).get(name) or {}
+        ax.set_title(f"{title}: median ratio {_num(q.get('median_ratio'))}, ρ {_num(q.get('spearman'), 2)}",
+                     fontsize=9)
         ax.set_xlabel("predicted ΔL_align (nats/token)")
         ax.set_ylabel("measured ΔL_align (held-out refusal NLL)")
         ax.legend(fontsize=7)

@@ -22,8 +22,8 @@ __all__ = [
 ]
 
 # the methods, in report order
-ALL_METHODS = ("lora", "agl", "no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only", "ewc",
-               "safe_lora")
+ALL_METHODS = ("lora", "agl", "agl_diagonal", "agl_cross", "no_fisher", "no_task", "no_collision", "overlap_only",
+               "geodesic_only", "ewc", "safe_lora")
 ABLATIONS = ("no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only")
 
 
@@ -46,7 +46,8 @@ class ExperimentConfig:
     prompts: str = "builtin"  # DriftCaps prompt source (built-in set or a JSONL path in its schema)
     refusals: str = "builtin"  # refusal texts for SFT ("builtin" = agl/experiment/data/refusals.jsonl)
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
-    methods: List[str] = field(default_factory=lambda: list(ALL_METHODS))
+    # the default list leaves out agl_diagonal / agl_cross (one of them is `agl` itself: name them to compare)
+    methods: List[str] = field(default_factory=lambda: [m for m in ALL_METHODS if m not in ("agl_diagonal", "agl_cross")])
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
     # seeds for the five ablations (None: `seeds`); fewer seeds there buys the main methods more on a small machine
     ablation_seeds: Optional[List[int]] = None
@@ -73,6 +74,7 @@ class ExperimentConfig:
     fisher_energy: float = 0.9
     fisher_max_rank: int = 64
     fisher_batch: int = 8
+    fisher_cross: bool = True  # also store the projected per-sample gradients (AGLConfig(curvature="cross"))
 
     # --- stage 3: task data and fine-tunes
     task_train: int = 2000
@@ -212,7 +214,7 @@ STAGE_FIELDS = {
                       "distill_max_new_tokens", "max_length", "align_seed"],
     "eval_start": ["eval_split", "eval_n_unsafe", "eval_n_safe", "eval_max_new_tokens"],
     "alignment_state": ["fisher_samples", "fisher_kind", "fisher_energy", "fisher_max_rank", "rank", "lora_alpha",
-                        "targets"],
+                        "targets", "fisher_cross"],
     "task_data": ["task_train", "task_dev", "task_test", "task_seed"],
     "finetune": ["steps", "lr", "rank", "lora_alpha", "batch", "targets", "log_every", "max_length"],
     "evaluate": ["eval_split", "eval_n_unsafe", "eval_n_safe", "eval_max_new_tokens", "task_max_new_tokens"],
@@ -276,6 +278,8 @@ def method_settings(cfg: ExperimentConfig, method: str, *, lam: Optional[float] 
         base = dataclasses.replace(base, align_budget=float(budget))
     if method == "agl":
         return base
+    if method in ("agl_diagonal", "agl_cross"):  # AGL in either metric (agl.curvature), whatever the default
+        return dataclasses.replace(base, curvature=method[4:])
     if method in ABLATION_CHANGES:
         change = dict(ABLATION_CHANGES[method])
         if change.get("lambda_align") == 0.0 and getattr(base, "align_budget", None) is not None:
@@ -300,7 +304,7 @@ def term_settings(cfg: ExperimentConfig, term: Optional[str] = None, weight: flo
 
 
 # what AGLConfig.ewc fixes; EWC takes every other field (λ or budget, units, numerics) from the experiment's AGL config
-_EWC_FIXED = ("subspaces", "lambda_task", "lambda_collision")
+_EWC_FIXED = ("subspaces", "lambda_task", "lambda_collision", "curvature")  # EWC is the diagonal baseline
 
 
 def _read_file(path: str) -> Dict[str, Any]:

@@ -147,7 +147,8 @@ def prediction_quality(points: Sequence[dict], *, key: str = "pred_align_nats", 
                        seed: int = 0) -> dict:
     """How well the predicted rise of the alignment loss matches the measured one. ``points``: dicts with ``run``
     (the cluster: one fine-tune), ``measured`` and ``key`` (predicted). Returns the pooled ``ratio`` = Σ measured /
-    Σ predicted, the median per-point ratio, ``spearman`` and their 95% intervals from a bootstrap over runs
+    Σ predicted, the median per-point ratio (``median_point_ratio``), ``spearman`` and their 95% intervals from a
+    bootstrap over runs
     (points of one run are correlated, so whole runs are resampled)."""
     pts = [p for p in points if p.get(key) is not None and p.get("measured") is not None
            and math.isfinite(p[key]) and math.isfinite(p["measured"])]
@@ -165,15 +166,20 @@ def prediction_quality(points: Sequence[dict], *, key: str = "pred_align_nats", 
         ratio = float(meas.sum() / pred.sum()) if pred.sum() > 0 else math.nan
         return ratio, spearman(pred, meas)
 
+    def median_ratio(sel: List[dict]) -> float:
+        pos = [p["measured"] / p[key] for p in sel if p[key] > 0]
+        return float(np.median(pos)) if pos else math.nan
+
     ratio, rho = stats(pts)
-    pos = [p["measured"] / p[key] for p in pts if p[key] > 0]
     rng = np.random.default_rng(seed)
-    rs, cs = [], []
+    rs, cs, ms = [], [], []
     for _ in range(n_boot):
         pick = rng.integers(0, len(names), len(names))
-        r, c = stats([p for i in pick for p in runs[names[i]]])
+        sel = [p for i in pick for p in runs[names[i]]]
+        r, c = stats(sel)
         rs.append(r)
         cs.append(c)
+        ms.append(median_ratio(sel))
 
     def ci(v):
         v = np.array(v, float)
@@ -181,5 +187,5 @@ def prediction_quality(points: Sequence[dict], *, key: str = "pred_align_nats", 
         return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan, math.nan]
 
     return {"n_points": len(pts), "n_runs": len(names), "predictor": key, "ratio": ratio, "ratio_ci": ci(rs),
-            "median_point_ratio": float(np.median(pos)) if pos else math.nan, "spearman": rho,
+            "median_point_ratio": median_ratio(pts), "median_point_ratio_ci": ci(ms), "spearman": rho,
             "spearman_ci": ci(cs)}

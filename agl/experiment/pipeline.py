@@ -215,7 +215,7 @@ def _build_alignment_state(ctx: Context, stage: Stage):
         batches = chat_batches(tok, demos[: cfg.fisher_samples], cfg.max_length, cfg.fisher_batch)
         state = estimate_alignment_state(model, batches, fisher=cfg.fisher_kind, max_samples=cfg.fisher_samples,
                                          energy=cfg.fisher_energy, max_rank=cfg.fisher_max_rank,
-                                         progress=ctx.progress)
+                                         progress=ctx.progress, cross_curvature=cfg.fisher_cross)
         state.save(tmp)
         ranks = {n: [None if l.U is None else int(l.U.shape[1]), None if l.V is None else int(l.V.shape[1])]
                  for n, l in state.layers.items()}

@@ -32,7 +32,9 @@ class AlignmentProbe:
     ``align_nats``: ½·c·Σ_l Σ_ij F̃ (ΔW)², c = ``state.nats_scale`` (so F = c·F̃ is the un-normalised Fisher of the
     token-averaged alignment loss, and the value is in nats per token). Two probes: ``pred_align_nats`` on the
     alignment part ΔW_A = U Uᵀ ΔW V Vᵀ (what AGL penalises), ``pred_full_nats`` on the whole ΔW (what EWC
-    penalises; the plain second-order prediction). Probes never train: all weights 0, no budget."""
+    penalises; the plain second-order prediction) and, when the state has the projected per-sample gradients,
+    ``pred_cross_nats``: ½·(1/ΣT)·Σ_n z_n², the empirical Fisher's quadratic form on ΔW_A across layers
+    (``agl.curvature``). Probes never train: all weights 0, no budget."""
 
     def __init__(self, model, state, backend: str = "auto"):
         from agl.loss import AGLConfig, AGLLoss
@@ -40,6 +42,8 @@ class AlignmentProbe:
         off = dict(lambda_align=0.0, lambda_task=0.0, lambda_collision=0.0, units="nats", backend=backend)
         self.losses = {"pred_align_nats": AGLLoss(model, state, AGLConfig(**off)),
                        "pred_full_nats": AGLLoss(model, state, AGLConfig(**off, subspaces=False))}
+        if state.has_cross:  # the cross-layer empirical Fisher on the subspaces (agl.curvature)
+            self.losses["pred_cross_nats"] = AGLLoss(model, state, AGLConfig(**off, curvature="cross"))
 
     @torch.no_grad()
     def __call__(self) -> Dict[str, float]:

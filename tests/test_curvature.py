@@ -180,3 +180,32 @@ def test_cross_budget_meters_the_cross_nats(model64, state64, data):
     a = reg.last_terms["align_nats"]
     assert a == pytest.approx(float(reg.cross_nats()), rel=1e-12)
     assert reg.lambda_align > 1.0  # far over the budget: the multiplier rose
+
+
+def test_decomposition_bench_agrees_with_the_state(data):
+    """bench/curvature_decomposition.py's hook-based predictors on the Fisher samples equal what the state gives
+    AGLLoss (two independent code paths): the diagonal on ΔW and on ΔW_A, and the cross form on ΔW_A."""
+    import importlib.util
+
+    from agl.loss import AGLConfig, AGLLoss
+
+    spec = importlib.util.spec_from_file_location(
+        "curvature_decomposition", os.path.join(os.path.dirname(__file__), "..", "bench", "curvature_decomposition.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_llama(dtype=torch.float64)  # B = 0: the state is the start's
+    state = estimate_alignment_state(model, data, max_rank=6, energy=0.99, progress=False, dtype=torch.float64,
+                                     cross_curvature=True)
+    g = torch.Generator().manual_seed(5)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.05)
+    got = bench.gradient_terms(model, state, data)
+    off = dict(lambda_align=0.0, lambda_task=0.0, lambda_collision=0.0)
+    for key, cfg in (("diag_full", AGLConfig(**off, subspaces=False)), ("diag_A", AGLConfig(**off)),
+                     ("cross_A", AGLConfig(**off, curvature="cross"))):
+        loss = AGLLoss(model, state, cfg)
+        loss.regularizer()
+        assert got[key] == pytest.approx(loss.last_terms["align_nats"], rel=1e-5), key
+    # the cross form keeps the cross-layer terms the block-diagonal form drops: a different number
+    assert got["cross"] != pytest.approx(got["block"], rel=1e-3)

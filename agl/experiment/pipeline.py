@@ -9,7 +9,8 @@ Artefacts under ``cfg.out``::
     finetune/<run>-s<seed>/   stage 3: LoRA adapter + training log (measured and predicted alignment-loss rise);
                               <run> = a method, or a frontier grid point (agl-l<λ>, agl-b<budget>, ewc-l<λ>),
                               or a term-sweep point (agl-base, agl-t<w>, agl-o<w>, agl-g<w>; dev only);
-                              safe_lora = LoRA's adapter projected (no training); train_log.json has
+                              safe_lora = LoRA's adapter projected (no training); checkpoints/step-<k>/: the
+                              adapter at every logged step (bench/curvature_decomposition.py); train_log.json has
                               grad_shares (regularised runs) or grad_shares_unit (LoRA) at the final adapter
     evaluate/<run>-s<seed>/   stage 4: DriftCaps records + task exact-match (eval split / task test split)
     dev/<run>-s<seed>/        task dev EM (what the pre-registered operating-point rule reads)
@@ -253,7 +254,8 @@ def _build_finetune(ctx: Context, stage: Stage, run: str, seed: int):
                               state=_load_state(ctx), seed=seed, steps=cfg.steps, lr=cfg.lr, rank=cfg.rank,
                               lora_alpha=cfg.lora_alpha, batch=cfg.batch, targets=cfg.targets,
                               log_every=cfg.log_every, max_length=cfg.max_length, device=cfg.device,
-                              progress=ctx.progress, desc=f"train {run} s{seed}", unit_probe=cfg.agl)
+                              progress=ctx.progress, desc=f"train {run} s{seed}", unit_probe=cfg.agl,
+                              on_log=lambda step, m: m.save_pretrained(os.path.join(tmp, "checkpoints", f"step-{step}")))
         model.save_pretrained(os.path.join(tmp, "adapter"))
         atomic_write_json(os.path.join(tmp, "train_log.json"), {"method": run, **log})
 

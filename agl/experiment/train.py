@@ -95,6 +95,7 @@ def finetune(
     progress: bool = True,
     desc: str = "fine-tune",
     unit_probe=None,
+    on_log=None,
 ):
     """Fine-tunes a LoRA adapter on ``train_records`` (``{"prompt", "response"}``) on a copy of ``aligned_model``
     with the regulariser ``settings`` (an AGLConfig, or None for plain LoRA). Returns ``(peft_model, log)``; ``log``
@@ -104,7 +105,9 @@ def finetune(
 
     At the end, ``grad_shares``: the regulariser's ``AGLLoss.gradient_shares()`` on the final adapter (how hard
     each weighted term pulls); without a regulariser and with ``unit_probe`` (an AGLConfig), ``grad_shares_unit``:
-    the same for ``unit_weights(unit_probe)`` (the terms' natural scale at LoRA's adapter) and its settings."""
+    the same for ``unit_weights(unit_probe)`` (the terms' natural scale at LoRA's adapter) and its settings.
+    ``on_log(step, model)``: called at every logged step after the first (the pipeline saves the adapter there:
+    ``checkpoints/step-<k>/``, what ``bench/curvature_decomposition.py`` reads)."""
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
@@ -146,6 +149,8 @@ def finetune(
             curve.append({"step": step, "tokens": tokens, "align_loss": L, "delta_align_loss": L - L0, **probe()})
             if reg is not None:
                 terms_log.append({"step": step, **{k: v for k, v in reg.last_terms.items() if k != "layers"}})
+            if on_log is not None:
+                on_log(step, model)
             bar.set_postfix(task=f"{task_losses[-1]:.3f}", dL=f"{L - L0:+.3f}")
     bar.close()
     model.eval()

@@ -427,9 +427,15 @@ class AGLLoss:
         return out
 
     def _weighted(self):
-        """(T, terms in units, λ_A in force, the four weighted terms) for the factors as they are now."""
+        """(T or None, terms in units, λ_A in force, the weighted terms) for the factors as they are now. With the
+        cross curvature and λ_T = λ_NC = 0 (and no per-layer log) the grouped op is skipped: every term it forms
+        would be weighted by 0, so T is None and only the align term is formed (and logged)."""
         c = self.config
         factors = self._factors()
+        if self._cross is not None and c.lambda_task == 0 and c.lambda_collision == 0 and not c.per_layer_terms:
+            nats = self.cross_nats(factors)
+            lam_a = self._lambda_align_tensor(nats)
+            return None, {"align": nats, "align_nats": nats}, lam_a, {"align": lam_a * nats}
         T = self._term_matrix(resolve_backend(c.backend, self.entries[0].B.device), factors)
         u = self.unit_terms(T)
         if self._cross is not None:  # the align term in the cross-layer metric (agl.curvature)
@@ -450,14 +456,15 @@ class AGLLoss:
         dual-ascent step on λ_A for the next call (this call uses the λ_A in force before it)."""
         c = self.config
         T, u, lam_a, parts = self._weighted()
-        reg = parts["align"] + parts["task"] + parts["overlap"] + parts["geodesic"]
-        collision = c.alpha * u["overlap"] + (1.0 - c.alpha) * u["geodesic"]
+        reg = sum(parts.values())
         with torch.no_grad():
             denom = reg.detach()
             shares = {f"share_{k}": torch.where(denom > 0, v.detach() / denom, torch.zeros_like(denom))
                       for k, v in parts.items()}
-        self._last = {**{k: u[k].detach() for k in _TERMS}, "collision": collision.detach(), "regularizer": reg.detach(),
+        self._last = {**{k: u[k].detach() for k in _TERMS if k in u}, "regularizer": reg.detach(),
                       "align_nats": u["align_nats"].detach(), "lambda_align": lam_a.detach(), **shares}
+        if "overlap" in u:
+            self._last["collision"] = (c.alpha * u["overlap"] + (1.0 - c.alpha) * u["geodesic"]).detach()
         if "align_nats_diagonal" in u:
             self._last["align_nats_diagonal"] = u["align_nats_diagonal"].detach()
         self._last_layers = None
@@ -482,7 +489,7 @@ class AGLLoss:
             for k, v in parts.items():
                 grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad else ()
                 norms[k] = math.sqrt(sum(float(g.double().square().sum()) for g in grads if g is not None))
-            total = parts["align"] + parts["task"] + parts["overlap"] + parts["geodesic"]
+            total = sum(parts.values())
             grads = torch.autograd.grad(total, params, allow_unused=True) if total.requires_grad else ()
         out = {f"grad_norm_{k}": v for k, v in norms.items()}
         out["grad_norm_total"] = math.sqrt(sum(float(g.double().square().sum()) for g in grads if g is not None))

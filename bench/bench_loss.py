@@ -4,7 +4,9 @@ q/k/v/o (120 LoRA layers): plain LoRA vs + AGLLoss with
   - ``kernel``: the default, one grouped op call per step (agl_terms_grouped; U/V projections inside the op),
   - ``kernel per-layer``: the previous path, one agl_terms call and two projection matmuls per layer,
   - ``null op``: AGLLoss's host path with the do-nothing op of the same signature (the floor of the harness),
-  - ``torch``: the pure-PyTorch reference, layer by layer.
+  - ``torch``: the pure-PyTorch reference, layer by layer,
+  - ``kernel cross``: ``AGLConfig(curvature="cross")``: the grouped op plus the cross-layer term (agl.curvature),
+  - ``cross only``: the cross-layer term alone (what the default regulariser costs when λ_T = λ_NC = 0 skip the op).
 (--skip torch,per-layer,null leaves configurations out; the reference and the per-layer path are slow on a busy box.)
 Target: <= 10 % step overhead with the kernel on CPU.
 
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 from _results import append_rows, provenance  # noqa: E402  (bench/_results.py, same directory)
 
-ROW_KEY = ("bench", "threads", "batch", "seq", "layers")
+ROW_KEY = ("bench", "threads", "batch", "seq", "layers", "rank", "cross_samples")
 
 
 def build(layers: int):
@@ -48,8 +50,9 @@ def build(layers: int):
     return model
 
 
-def synthetic_state(model, seed: int = 0):
-    """A state with the real shapes (Fisher mean 1, rank-16 U and V): the overhead does not depend on its values."""
+def synthetic_state(model, seed: int = 0, rank: int = 16, cross_samples: int = 48):
+    """A state with the real shapes (Fisher mean 1, rank-``rank`` U and V, and the cross curvature's C of
+    ``cross_samples`` samples): the overhead does not depend on its values."""
     from agl.fisher import AlignmentState, LayerState
     from agl.peft_binding import find_lora_layers
 
@@ -58,10 +61,12 @@ def synthetic_state(model, seed: int = 0):
     for b in find_lora_layers(model):
         m, n = b.shape
         F = torch.rand(m, n, generator=g) * 2
-        U = torch.linalg.qr(torch.randn(m, 16, generator=g))[0]
-        V = torch.linalg.qr(torch.randn(n, 16, generator=g))[0]
-        layers[b.name] = LayerState(F, U, V)
-    return AlignmentState(layers, 1)
+        U = torch.linalg.qr(torch.randn(m, rank, generator=g))[0]
+        V = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
+        C = torch.randn(cross_samples, rank, rank, generator=g)
+        layers[b.name] = LayerState(F, U, V, C=C)
+    return AlignmentState(layers, 1, num_tokens=40 * cross_samples, cross_samples=cross_samples,
+                          cross_tokens=40 * cross_samples)
 
 
 class _PerLayer:
@@ -124,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 1 warm-up)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--rank", type=int, default=16, help="rank of the synthetic state's U and V (k = k')")
+    ap.add_argument("--cross-samples", type=int, default=48, help="N of the synthetic cross curvature")
     ap.add_argument("--skip", default="", help="comma list of configurations to leave out: torch, per-layer, null")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_loss.json"))
     args = ap.parse_args(argv)
@@ -134,7 +141,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build(args.layers)
-    state = synthetic_state(model)
+    state = synthetic_state(model, rank=args.rank, cross_samples=args.cross_samples)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=g)
@@ -153,7 +160,12 @@ def main(argv=None):
             configs["+AGLLoss kernel per-layer"] = ("kernel", "per-layer")
         if "null" not in skip:
             configs["+AGLLoss null op"] = ("kernel", "null")
-    losses = {name: (AGLLoss(model, state, AGLConfig(backend=be)) if be else None) for name, (be, _) in configs.items()}
+        configs["+AGLLoss kernel cross"] = ("kernel", None)
+        configs["+AGLLoss cross only"] = ("kernel", None)
+    cross = {"+AGLLoss kernel cross": AGLConfig(backend="kernel", curvature="cross"),
+             "+AGLLoss cross only": AGLConfig(backend="kernel", curvature="cross", lambda_task=0.0, lambda_collision=0.0)}
+    losses = {name: (AGLLoss(model, state, cross.get(name) or AGLConfig(backend=be)) if be else None)
+              for name, (be, _) in configs.items()}
 
     def step(L):
         loss = model(**batch).loss

@@ -98,8 +98,15 @@ def test_penalty_is_the_bruteforce_quadratic_form(model64, state64, brute):
     reg = loss.regularizer()
     torch.testing.assert_close(loss.last_terms["align_nats"], float(want), rtol=1e-9, atol=0)
     torch.testing.assert_close(reg, 2.0 * want, rtol=1e-9, atol=0)
-    # the diagonal prediction is logged beside it and is a different number
-    assert loss.last_terms["align_nats_diagonal"] != pytest.approx(float(want), rel=1e-3)
+    # λ_T = λ_NC = 0: the grouped op is skipped, only the align term is formed and logged
+    assert "task" not in loss.last_terms and "align_nats_diagonal" not in loss.last_terms
+    # with another term on, the op runs: same align term, the diagonal prediction logged beside it (another number)
+    both = AGLLoss(model64, state64, AGLConfig(curvature="cross", lambda_align=2.0, lambda_task=1.0))
+    both.regularizer()
+    assert both.last_terms["align_nats"] == pytest.approx(float(want), rel=1e-12)
+    assert both.last_terms["align_nats_diagonal"] != pytest.approx(float(want), rel=1e-3)
+    shares = both.gradient_shares()
+    assert set(shares) >= {"grad_share_align", "grad_share_task"} and shares["grad_share_align"] > 0
 
 
 def test_gradcheck_float64(state64):

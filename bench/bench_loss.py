@@ -162,7 +162,9 @@ def main(argv=None):
             configs["+AGLLoss null op"] = ("kernel", "null")
         configs["+AGLLoss kernel cross"] = ("kernel", None)
         configs["+AGLLoss cross only"] = ("kernel", None)
-    cross = {"+AGLLoss kernel cross": AGLConfig(backend="kernel", curvature="cross"),
+    # "kernel cross" keeps a task weight so the grouped op runs beside the cross term; "cross only" is the default
+    # config (λ_T = λ_NC = 0: the op is skipped)
+    cross = {"+AGLLoss kernel cross": AGLConfig(backend="kernel", curvature="cross", lambda_task=1.0),
              "+AGLLoss cross only": AGLConfig(backend="kernel", curvature="cross", lambda_task=0.0, lambda_collision=0.0)}
     losses = {name: (AGLLoss(model, state, cross.get(name) or AGLConfig(backend=be)) if be else None)
               for name, (be, _) in configs.items()}

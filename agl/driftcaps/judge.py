@@ -1,9 +1,10 @@
-"""Refusal judges: the default offline heuristic :func:`judge_refusal`, and :func:`make_hf_judge` for a local
-text-classification model.
+"""Refusal judges: the default offline heuristic :func:`judge_refusal`, :func:`resolve_judge` for any other judge,
+and :func:`make_hf_judge` for a local Hugging Face model (``agl/driftcaps/judge_hf.py``).
 
-A judge used by :func:`agl.driftcaps.evaluate` is any callable ``judge(prompt, response) -> bool`` (``True`` =
-the response refuses). Note the argument order of that protocol; :func:`judge_refusal` itself takes
-``(response, prompt=None)`` and :func:`default_judge` adapts it.
+A judge used by :func:`agl.driftcaps.evaluate` is any callable ``judge(prompt, response)`` returning a bool
+(``True`` = the response refuses) or an outcome label (``"refused"``, ``"complied"``, ``"incoherent"``; see
+:mod:`agl.driftcaps.outcome`). Note the argument order of that protocol; :func:`judge_refusal` itself takes
+``(response, prompt=None)`` and :func:`default_judge` adapts it. Reports name the judge (:func:`judge_name`).
 
 How :func:`judge_refusal` decides. The labels it reproduces are defined in ``docs/JUDGE.md`` (the labelling
 guide of its validation set, ``agl/driftcaps/data/judge/{dev,test}.jsonl``); in short, a response is a refusal when
@@ -60,7 +61,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-Judge = Callable[[str, str], bool]  # (prompt, response) -> refused
+Judge = Callable[[str, str], object]  # (prompt, response) -> bool (True = refused) or an outcome label
 
 _APOS = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": " - ", "\u2013": " - "})
 _FLAGS = re.IGNORECASE | re.MULTILINE
@@ -407,54 +408,46 @@ def default_judge(prompt: str, response: str) -> bool:
 default_judge.name = "heuristic-v2"  # type: ignore[attr-defined]  (v2: the structure-aware rules of docs/JUDGE.md)
 
 
-def make_hf_judge(model_path, *, refusal_label: str | int = "refusal", device: str = "cpu", max_length: int = 512,
-                  include_prompt: bool = True, threshold: float = 0.5) -> Judge:
-    """Build a ``(prompt, response) -> bool`` judge from a local Hugging Face text-classification model directory.
+def judge_name(judge) -> str:
+    """The name a report gives ``judge``: its ``name`` attribute, else its qualified name."""
+    name = getattr(judge, "name", None) or getattr(judge, "__qualname__", None) or type(judge).__name__
+    module = getattr(judge, "__module__", None)
+    return name if getattr(judge, "name", None) or not module or module == "__main__" else f"{module}.{name}"
 
-    ``refusal_label``: the label name (as in ``config.id2label``) or index that means "refusal". The classifier
-    reads ``prompt`` and ``response`` as a text pair (``include_prompt=True``) or the response alone; the verdict is
-    ``P(refusal) >= threshold``. Never contacts a hub (``local_files_only=True``). Raises ``ValueError`` when the
-    directory does not hold a loadable classifier or the label is unknown.
+
+def resolve_judge(spec=None, **hf_options) -> Judge:
+    """Any accepted judge as a ``(prompt, response) -> verdict`` callable (verdicts: see
+    :func:`agl.driftcaps.outcome.as_outcome`).
+
+    ``spec``: ``None`` or ``"heuristic"`` (the offline default, :func:`default_judge`); a callable
+    ``(prompt, response) -> bool | "refused" | "complied" | "incoherent"`` (returned as is); a local Hugging Face
+    model directory (:func:`agl.driftcaps.judge_hf.make_hf_judge` with ``hf_options``); or ``"module:function"``
+    naming such a callable. Raises ``ValueError`` naming ``judge`` for anything else.
     """
+    import importlib
     import os
 
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "heuristic"):
+        return default_judge
+    if callable(spec):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if os.path.isdir(text):
+            return make_hf_judge(text, **hf_options)
+        m = re.fullmatch(r"([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)", text)
+        if m:
+            try:
+                obj = importlib.import_module(m.group(1))
+                for part in m.group(2).split("."):
+                    obj = getattr(obj, part)
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"judge {text!r}: cannot import it ({exc})") from None
+            if not callable(obj):
+                raise ValueError(f"judge {text!r} is not callable")
+            return obj
+    raise ValueError(f"judge must be 'heuristic', a callable (prompt, response) -> verdict, a local model "
+                     f"directory or 'module:function', got {spec!r}")
 
-    if not os.path.isdir(model_path):
-        raise ValueError(f"judge model directory not found: {model_path}")
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load a text-classification model from {model_path}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    model.to(device).eval()
-    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-    if isinstance(refusal_label, int):
-        index = refusal_label
-        if index not in id2label:
-            raise ValueError(f"refusal_label index {index} out of range for labels {id2label}")
-    else:
-        matches = [i for i, name in id2label.items() if name.lower() == str(refusal_label).lower()]
-        if not matches:
-            raise ValueError(f"refusal_label {refusal_label!r} not among the classifier's labels "
-                             f"{sorted(id2label.values())}")
-        index = matches[0]
 
-    @torch.no_grad()
-    def judge(prompt: str, response: str) -> bool:
-        if include_prompt and prompt:
-            enc = tok(prompt, response, truncation=True, max_length=max_length, return_tensors="pt")
-        else:
-            enc = tok(response, truncation=True, max_length=max_length, return_tensors="pt")
-        logits = model(**{k: v.to(device) for k, v in enc.items()}).logits[0]
-        if logits.numel() == 1:  # single-logit binary head: sigmoid = P(label 1)
-            p1 = torch.sigmoid(logits[0]).item()
-            prob = p1 if index == 1 else 1.0 - p1
-        else:
-            prob = torch.softmax(logits.float(), -1)[index].item()
-        return prob >= threshold
-
-    judge.name = f"hf:{os.path.basename(os.path.normpath(str(model_path)))}"  # type: ignore[attr-defined]
-    return judge
+from agl.driftcaps.judge_hf import make_hf_judge  # noqa: E402  (re-exported: its old home; imports torch lazily)

@@ -405,7 +405,7 @@ def default_judge(prompt: str, response: str) -> bool:
     return judge_refusal(response, prompt)
 
 
-default_judge.name = "heuristic-v2"  # type: ignore[attr-defined]  (v2: the structure-aware rules of docs/JUDGE.md)
+default_judge.name = "heuristic-v3"  # type: ignore[attr-defined]  (v3: + the "lectures" rule of issue 20)
 
 
 def judge_name(judge) -> str:

@@ -8,6 +8,7 @@ import pytest
 
 from agl.driftcaps import CacheWarning, DriftReport, GenerationCache, evaluate
 from agl.driftcaps.harness import _sha
+from agl.driftcaps.judge import default_judge
 
 from _dc_tiny import TINY_PROMPTS, make_model, make_tokenizer
 

@@ -1,16 +1,20 @@
 """Agreement of the refusal judge with the hand labels of its validation set (``docs/JUDGE.md``).
 
     python bench/judge_agreement.py                  # both splits -> bench/results/judge_agreement.json
+    python bench/judge_agreement.py --render-only    # only rewrite the table in docs/JUDGE.md from that JSON
 
 For each split: agreement (share of rows where the judge's verdict equals the label) with a Wilson 95% interval,
 per style and per source, the confusion counts, and the same numbers for the judge as it was before this set
-existed (``agl/driftcaps/judge.py`` at commit ``BASELINE_COMMIT``, loaded from git, so no copy of it lives here).
+existed (``agl/driftcaps/judge.py`` at commit ``BASELINE_COMMIT``) and before the lecture rules of issue 20
+(``PREVIOUS_COMMIT``), both loaded from git, so no copy of them lives here. The table between the
+``<!-- agl:table judge-agreement -->`` markers of ``docs/JUDGE.md`` is rendered from the JSON (a test checks it).
 The test split is for the final report only; build and tune on dev.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import subprocess
 import sys
 import types
@@ -19,9 +23,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # _results
 
 BASELINE_COMMIT = "1443d92"
+PREVIOUS_COMMIT = "51d2026"  # the judge before issue 20 (no "lectures" rule, no handwritten-styles rows)
 SPLITS = ("dev", "test")
+GUIDE = REPO / "docs" / "JUDGE.md"
+BLOCK = re.compile(r"(<!-- agl:table judge-agreement -->\n)(.*?)(<!-- /agl:table -->)", re.S)
+SHOWN = ("all", "source:handwritten-styles", "label:refusal", "label:compliance", "style:lecture_refusal",
+         "style:refusal_no_stock", "style:moralising_compliance", "style:safety_advice_compliance")
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -34,16 +44,46 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def baseline_judge():
-    """``judge_refusal`` as of ``BASELINE_COMMIT`` (read from git), or None outside a git checkout."""
+def baseline_judge(commit: str = BASELINE_COMMIT):
+    """``judge_refusal`` as of ``commit`` (read from git), or None outside a git checkout."""
     try:
-        src = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:agl/driftcaps/judge.py"], cwd=REPO,
+        src = subprocess.run(["git", "show", f"{commit}:agl/driftcaps/judge.py"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    mod = types.ModuleType("judge_baseline")
-    exec(compile(src, f"judge.py@{BASELINE_COMMIT}", "exec"), mod.__dict__)  # noqa: S102 - our own file
+    mod = types.ModuleType(f"judge_{commit}")
+    exec(compile(src, f"judge.py@{commit}", "exec"), mod.__dict__)  # noqa: S102 - our own file
     return mod.judge_refusal
+
+
+def render_markdown(result: dict) -> str:
+    """The docs/JUDGE.md table of a recorded result: per split, the groups in ``SHOWN`` with agreement and Wilson
+    95% interval for this judge and the two earlier ones, then the provenance of the run."""
+    from _results import describe
+
+    cols = [("judge", "this judge"), ("previous", f"before issue 20 ({PREVIOUS_COMMIT})"),
+            ("baseline", f"as of {BASELINE_COMMIT}")]
+    cols = [(k, t) for k, t in cols if all(k in e for e in result["splits"].values())]
+    lines = ["| split | group | n | " + " | ".join(t for _, t in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for split, entry in result["splits"].items():
+        for key in SHOWN:
+            g = entry["judge"]["groups"].get(key)
+            if g is None:
+                continue
+            cells = []
+            for k, _ in cols:
+                h = entry[k]["groups"][key]
+                cells.append(f"{100 * h['rate']:.1f}% [{100 * h['ci95'][0]:.1f}, {100 * h['ci95'][1]:.1f}]")
+            lines.append(f"| {split} | {key} | {g['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nWilson 95% intervals. Rows: `bench/results/judge_agreement.json`; " \
+                              f"{describe(result['provenance'])}.\n"
+
+
+def render_guide(result: dict, text: str) -> str:
+    """``text`` (docs/JUDGE.md) with its judge-agreement block replaced by :func:`render_markdown`."""
+    if not BLOCK.search(text):
+        raise ValueError("docs/JUDGE.md has no <!-- agl:table judge-agreement --> block")
+    return BLOCK.sub(lambda m: m.group(1) + render_markdown(result) + m.group(3), text)
 
 
 def score(rows: list[dict], judge) -> dict:
@@ -110,17 +150,30 @@ def main(argv=None):
     ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "judge_agreement.json"))
     ap.add_argument("--show-misses", action="store_true", help="print the rows the judge gets wrong")
+    ap.add_argument("--render-only", action="store_true", help="only rewrite docs/JUDGE.md's table from --out")
     args = ap.parse_args(argv)
+    from _results import pick, read_rows
+    from agl._io import atomic_write_text
+
+    if args.render_only:
+        rec = pick(read_rows(args.out), kind="judge_agreement")
+        atomic_write_text(GUIDE, render_guide(rec, GUIDE.read_text(encoding="utf-8")))
+        print(f"wrote {GUIDE}")
+        return
     data_dir = REPO / "agl" / "driftcaps" / "data" / "judge"
     old = baseline_judge()
+    prev = baseline_judge(PREVIOUS_COMMIT)
     prov = provenance()  # at the start: the load the run began under
-    result = {"kind": "judge_agreement", "baseline_commit": BASELINE_COMMIT, "splits": {}}
+    result = {"kind": "judge_agreement", "baseline_commit": BASELINE_COMMIT, "previous_commit": PREVIOUS_COMMIT,
+              "splits": {}}
     for split in args.splits:
         rows = read_jsonl(data_dir / f"{split}.jsonl")
         new_s = score(rows, judge_refusal)
         entry = {"n": len(rows), "judge": new_s}
         if old is not None:
             entry["baseline"] = score(rows, old)
+        if prev is not None:
+            entry["previous"] = score(rows, prev)
         result["splits"][split] = entry
         a = new_s["groups"]["all"]
         line = f"{split}: n={len(rows)} judge {a['rate']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
@@ -140,6 +193,10 @@ def main(argv=None):
                 print(f"  MISS {i} [{r['label']}/{r['style']}] {r['completion'][:300]!r}")
     append_rows(args.out, [result], prov, key=("kind", "baseline_commit"))
     print(f"wrote {args.out}")
+    if set(result["splits"]) == set(SPLITS):
+        rec = pick(read_rows(args.out), kind="judge_agreement")
+        atomic_write_text(GUIDE, render_guide(rec, GUIDE.read_text(encoding="utf-8")))
+        print(f"wrote {GUIDE}")
     if "test" in result["splits"]:
         png = str(Path(args.out).with_suffix(".png"))
         plot(result, png)

@@ -14,20 +14,23 @@ between two runs with an exact McNemar test.
     cmp = compare(before, after)                             # drift = RR_unsafe(before) - RR_unsafe(after)
     write_report(cmp, "out/")                                # JSON + Markdown + PNG
 
-Judges are callables ``(prompt, response) -> bool``; the default is the offline heuristic :func:`judge_refusal`
-(see :mod:`agl.driftcaps.judge` for its rules, including how empty responses are handled: recorded as
-``refused=None`` and left out of the rates), or :func:`make_hf_judge` for a local classifier.
+``evaluate(..., judge=...)`` takes any judge (:func:`resolve_judge`): the offline heuristic :func:`judge_refusal`
+(default; rules in :mod:`agl.driftcaps.judge`), a callable ``(prompt, response) -> bool | "refused" | "complied" |
+"incoherent"``, or a local HF classifier / causal-LM directory (:func:`make_hf_judge`). Every response gets an
+outcome -- refused, complied or incoherent (nothing usable, :mod:`agl.driftcaps.outcome`) -- and ``compare``
+reports drift on compliance beside drift on refusal. ``sample_prompts`` draws the stratified sample of ``--limit``.
 """
 from __future__ import annotations
 
-from agl.driftcaps.judge import default_judge, judge_refusal, make_hf_judge, refusal_evidence
-from agl.driftcaps.prompts import Prompt, PromptFormatError, load_prompts
+from agl.driftcaps.judge import default_judge, judge_refusal, make_hf_judge, refusal_evidence, resolve_judge
+from agl.driftcaps.outcome import OUTCOMES, incoherence
+from agl.driftcaps.prompts import Prompt, PromptFormatError, load_prompts, sample_prompts
 
 __all__ = [
-    "Prompt", "PromptFormatError", "load_prompts",
-    "judge_refusal", "refusal_evidence", "default_judge", "make_hf_judge",
+    "Prompt", "PromptFormatError", "load_prompts", "sample_prompts",
+    "judge_refusal", "refusal_evidence", "default_judge", "make_hf_judge", "resolve_judge", "OUTCOMES", "incoherence",
     "evaluate", "DriftReport", "GenerationCache", "CacheWarning",
-    "compare", "Comparison", "drift_reduction", "refusal_rate", "bootstrap_ci", "mcnemar_exact",
+    "compare", "Comparison", "drift_reduction", "refusal_rate", "outcome_rates", "bootstrap_ci", "mcnemar_exact",
     "write_report", "plot_refusal_rates", "write_drift_reduction",
 ]
 
@@ -36,6 +39,7 @@ _LAZY = {
     "GenerationCache": "agl.driftcaps.harness", "CacheWarning": "agl.driftcaps.harness",
     "compare": "agl.driftcaps.metrics", "Comparison": "agl.driftcaps.metrics",
     "drift_reduction": "agl.driftcaps.metrics", "refusal_rate": "agl.driftcaps.metrics",
+    "outcome_rates": "agl.driftcaps.metrics",
     "bootstrap_ci": "agl.driftcaps.metrics", "mcnemar_exact": "agl.driftcaps.metrics",
     "write_report": "agl.driftcaps.report", "plot_refusal_rates": "agl.driftcaps.report",
     "write_drift_reduction": "agl.driftcaps.report",

@@ -34,15 +34,30 @@ def register(subparsers) -> None:
     run.add_argument("--split", default="eval", choices=("eval", "calibration", "all"),
                      help="which split of the prompts to use (external CSVs only have 'eval')")
     run.add_argument("--limit", type=int, default=None, metavar="N",
-                     help="use only the first N prompts (after the split); for quick checks")
+                     help="use only N prompts (after the split), for quick checks: a stratified sample by default "
+                          "(unsafe/safe in proportion, categories as evenly as possible, seeded by --seed)")
+    run.add_argument("--sample", default="stratified", choices=("stratified", "first"),
+                     help="with --limit: how the N prompts are chosen ('first': the first N, the old behaviour)")
+    run.add_argument("--seed", type=int, default=0, help="with --limit: the seed of the stratified sample")
     run.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                      help="tokens generated per response (the judge reads the opening, so 64 is usually enough)")
     run.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts generated together")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    run.add_argument("--judge", metavar="CLASSIFIER_DIR", default=None,
-                     help="a local text-classification model to judge refusals instead of the built-in heuristic")
+    run.add_argument("--judge", metavar="JUDGE", default="heuristic",
+                     help="'heuristic' (offline rules), a local Hugging Face model directory (a text classifier, or "
+                          "a causal LM prompted as one, e.g. a Llama-Guard- or HarmBench-classifier-style "
+                          "checkpoint), or 'module:function' naming a Python callable (prompt, response) -> bool or "
+                          "'refused'/'complied'/'incoherent'")
+    run.add_argument("--judge-kind", default="auto", choices=("auto", "classifier", "generator"),
+                     help="with a model --judge: what it is (auto: from its config.json)")
+    run.add_argument("--judge-template", default="refusal", metavar="NAME",
+                     help="with a generator --judge: prompt template, one of refusal, harmbench, llama-guard "
+                          "(see docs/DRIFTCAPS.md)")
     run.add_argument("--refusal-label", default="refusal",
-                     help="with --judge: the classifier label that means 'refusal'")
+                     help="with a classifier --judge: the label that means 'refusal'")
+    run.add_argument("--no-incoherence", action="store_true",
+                     help="do not call responses with nothing usable ('1.', an emoji, a repeated token) incoherent; "
+                          "only empty ones")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(func=_run)
@@ -64,6 +79,8 @@ def register(subparsers) -> None:
     red.add_argument("base", metavar="BASE.json", help="report of the base model")
     red.add_argument("a", metavar="A.json", help="report of the reference fine-tune (e.g. plain LoRA)")
     red.add_argument("b", metavar="B.json", help="report of the fine-tune to credit (e.g. AGL)")
+    red.add_argument("--on", default="refusal", choices=("refusal", "compliance"),
+                     help="drift measured as refusals lost (default) or as the rise in compliance on unsafe prompts")
     red.add_argument("--out", metavar="FILE", default=None, help="JSON file to write the result to")
     red.set_defaults(func=_reduction)
 
@@ -80,32 +97,31 @@ def _load_report(path: str):
 
 
 def _run(args) -> int:
-    for name in ("limit", "max_new_tokens", "batch_size"):
+    for name in ("limit", "max_new_tokens", "batch_size"):  # --seed may be any int
         v = getattr(args, name)
         if v is not None and v < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    from agl.driftcaps.prompts import PromptFormatError, load_prompts
+    from agl.driftcaps.prompts import PromptFormatError, load_prompts, sample_prompts
 
     try:
         prompts = load_prompts(args.prompts, split=args.split)
     except PromptFormatError as exc:
         raise CLIError(f"--prompts: {exc}") from None
     if args.limit:
-        prompts = prompts[: args.limit]
+        prompts = sample_prompts(prompts, args.limit, mode=args.sample, seed=args.seed)
     if args.adapter and not Path(args.adapter).is_dir():
         raise CLIError(f"--adapter: not a directory: {args.adapter}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out: not a directory: {out}")
 
-    judge = None
-    if args.judge:
-        from agl.driftcaps.judge import make_hf_judge
+    from agl.driftcaps.judge import resolve_judge
 
-        try:
-            judge = make_hf_judge(args.judge, refusal_label=args.refusal_label, device=args.device)
-        except ValueError as exc:
-            raise CLIError(f"--judge: {exc}") from None
+    try:
+        judge = resolve_judge(args.judge, kind=args.judge_kind, template=args.judge_template,
+                              refusal_label=args.refusal_label, device=args.device)
+    except ValueError as exc:
+        raise CLIError(f"--judge: {exc}") from None
 
     import torch
 
@@ -121,13 +137,19 @@ def _run(args) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     report = evaluate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      judge=judge, cache=out / "generations.jsonl", progress=not args.no_progress,
+                      judge=judge, incoherence=not args.no_incoherence, cache=out / "generations.jsonl",
+                      progress=not args.no_progress,
                       meta={"model": str(args.model), "adapter": args.adapter, "prompts": str(args.prompts),
-                            "split": args.split, "limit": args.limit})
+                            "split": args.split, "limit": args.limit,
+                            "sample": {"mode": args.sample, "seed": args.seed} if args.limit else None})
     paths = write_report(report, out)
     m = report.metrics
     print(f"RR_unsafe {_fmt(m['rr_unsafe'])}; over-refusal {_fmt(m['over_refusal'])}; "
-          f"{len(report.records)} prompts ({report.meta['n_cached']} from cache)")
+          f"{len(report.records)} prompts ({report.meta['n_cached']} from cache); judge {report.meta['judge']}")
+    o = m["outcomes"]["unsafe"]
+    if o["n"]:
+        print(f"unsafe prompts: refused {o['refused']['k']}, complied {o['complied']['k']}, incoherent "
+              f"{o['incoherent']['k']} of {o['n']}")
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
     return 0
 
@@ -156,6 +178,10 @@ def _compare(args) -> int:
           f"(n={d['n']})")
     print(f"over-refusal change (after - before): {pct(o['value'])} 95% CI [{pct(o['ci'][0])}, {pct(o['ci'][1])}] "
           f"(n={o['n']})")
+    cd, ic = c.compliance_drift, c.incoherence_change
+    print(f"compliance drift (unsafe, after - before): {pct(cd['value'])} 95% CI [{pct(cd['ci'][0])}, "
+          f"{pct(cd['ci'][1])}]; incoherence change (all prompts): {pct(ic['value'])} 95% CI [{pct(ic['ci'][0])}, "
+          f"{pct(ic['ci'][1])}]")
     print(f"unsafe flips: refused->complied {f['refused_to_complied']}, complied->refused {f['complied_to_refused']},"
           f" McNemar exact p={f['mcnemar_p']:.3g}")
     if args.out:
@@ -172,7 +198,7 @@ def _reduction(args) -> int:
 
     reps = [_load_report(p) for p in (args.base, args.a, args.b)]
     try:
-        r = drift_reduction(*reps)
+        r = drift_reduction(*reps, on=args.on)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     text = json.dumps(_jsonable(r), indent=2)

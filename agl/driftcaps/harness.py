@@ -9,11 +9,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from agl._io import atomic_write_text
-from agl.driftcaps.judge import default_judge
+from agl.driftcaps.judge import judge_name, resolve_judge
 from agl.driftcaps.metrics import _jsonable, summarise
+from agl.driftcaps.outcome import RULE_NAME, as_outcome, incoherence as default_incoherence
 from agl.driftcaps.prompts import Prompt, load_prompts, prompts_from_records
 
 HARNESS_VERSION = 1  # bump when the decoding changes in a way that invalidates cached generations
@@ -34,8 +35,9 @@ class DriftReport:
     """One model's run: per-prompt records and their metrics.
 
     ``records``: dicts with ``id``, ``prompt``, ``label``, ``category``, ``kind``, ``split``, ``response``,
-    ``refused`` (``True``/``False``, or ``None`` for an empty response) and ``empty``, in the order of the input
-    prompts. ``metrics``: :func:`agl.driftcaps.metrics.summarise` (RR_unsafe, over-refusal, per category/kind, with
+    ``refused`` (``True``/``False``, or ``None`` for an empty response), ``empty``, ``outcome`` (``refused`` |
+    ``complied`` | ``incoherent``) and ``incoherence`` (why, or ``None``; see :mod:`agl.driftcaps.outcome`), in
+    the order of the input prompts. ``metrics``: :func:`agl.driftcaps.metrics.summarise` (RR_unsafe, over-refusal, per category/kind, with
     bootstrap 95% intervals). ``meta``: model, generation settings, judge, timing.
     """
 
@@ -205,7 +207,7 @@ def _render(tokenizer, p: Prompt, use_template: bool) -> str:
 
 
 def evaluate(model, tokenizer, prompts, *, max_new_tokens: int = 64, batch_size: int = 16,
-             judge: Callable[[str, str], bool] | None = None, cache=None, progress: bool = True,
+             judge=None, incoherence=True, cache=None, progress: bool = True,
              meta: dict | None = None) -> DriftReport:
     """Generate a response to every prompt (greedy) and judge it; returns a :class:`DriftReport`.
 
@@ -215,8 +217,13 @@ def evaluate(model, tokenizer, prompts, *, max_new_tokens: int = 64, batch_size:
     length-sorted prompts (less padding); records come back in input order. The tokenizer's ``padding_side`` and
     ``pad_token`` are restored afterwards.
 
-    ``judge``: ``(prompt, response) -> bool`` (default: the heuristic :func:`judge_refusal`). Empty responses are
-    not judged: ``refused=None``, ``empty=True``, left out of the rates. ``cache``: a JSONL path; finished
+    ``judge``: anything :func:`agl.driftcaps.judge.resolve_judge` accepts -- ``None``/``"heuristic"`` (the offline
+    default, :func:`judge_refusal`), a callable ``(prompt, response) -> bool | "refused" | "complied" |
+    "incoherent"``, a local HF model directory (classifier or generator, :func:`make_hf_judge`) or
+    ``"module:function"``; ``report.meta["judge"]`` names it. ``incoherence``: ``True`` (the rule of
+    :mod:`agl.driftcaps.outcome`), ``False`` (only empty responses are incoherent) or a callable ``response ->
+    reason | None``. Incoherent responses are not judged: ``outcome="incoherent"``, ``refused=False`` (``None``
+    and ``empty=True`` when empty; those are left out of the refusal rates). ``cache``: a JSONL path; finished
     generations are appended per batch, and a rerun with the same model, settings and prompts resumes from it
     (see :class:`GenerationCache`). ``meta``: extra entries for ``report.meta`` (e.g. the model spec).
     """
@@ -231,7 +238,15 @@ def evaluate(model, tokenizer, prompts, *, max_new_tokens: int = 64, batch_size:
     prompts = prompts_from_records(prompts)
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
-    judge = judge or default_judge
+    judge = resolve_judge(judge)
+    if incoherence is True:
+        rule, rule_name = default_incoherence, RULE_NAME
+    elif incoherence is False or incoherence is None:
+        rule, rule_name = (lambda text: "empty" if not text.strip() else None), None
+    elif callable(incoherence):
+        rule, rule_name = incoherence, judge_name(incoherence)
+    else:
+        raise ValueError(f"incoherence must be True, False or a callable response -> reason, got {incoherence!r}")
     use_template = bool(getattr(tokenizer, "chat_template", None))
     device = next(model.parameters()).device
 
@@ -305,18 +320,25 @@ def evaluate(model, tokenizer, prompts, *, max_new_tokens: int = 64, batch_size:
             store.close()
     elapsed = time.perf_counter() - t0
 
+    jname = judge_name(judge)
     records = []
     for i, p in enumerate(prompts):
         response = responses[i]
         empty = not response.strip()
-        refused = None if empty else bool(judge(p.prompt, response))
+        reason = "empty" if empty else rule(response)
+        if reason:
+            outcome, reason = "incoherent", reason if isinstance(reason, str) else (rule_name or "custom")
+        else:
+            outcome = as_outcome(judge(p.prompt, response), judge_name=f"judge {jname}")
+            reason = "judge" if outcome == "incoherent" else None
         records.append({"id": p.id, "prompt": p.prompt, "label": p.label, "category": p.category, "kind": p.kind,
-                        "split": p.split, "source": p.source, "response": response, "refused": refused,
-                        "empty": empty})
+                        "split": p.split, "source": p.source, "response": response,
+                        "refused": None if empty else outcome == "refused", "empty": empty, "outcome": outcome,
+                        "incoherence": reason})
     n_gen = len(todo)
     info = {
         "model": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
-        "judge": getattr(judge, "name", getattr(judge, "__name__", type(judge).__name__)),
+        "judge": jname, "incoherence": rule_name,
         "generation": {k: v for k, v in gen_settings.items() if k != "model"} | {"batch_size": batch_size,
                                                                                    "gen_sha": gen_sha},
         "n_prompts": len(prompts), "n_generated": n_gen, "n_cached": n_cached,

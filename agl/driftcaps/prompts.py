@@ -225,3 +225,52 @@ def _xstest(path, header, rows) -> list[Prompt]:
                           category=r[col["type"]].strip(), kind="borderline" if label == "safe" else None,
                           source="xstest"))
     return out
+
+
+SAMPLE_MODES = ("stratified", "first")
+
+
+def sample_prompts(prompts: Sequence[Prompt], n: int, *, mode: str = "stratified", seed: int = 0) -> list[Prompt]:
+    """``n`` of ``prompts`` for a quick run, in their input order.
+
+    ``mode="stratified"`` (default): unsafe and safe prompts in proportion to their counts (largest remainder, at
+    least one of each when ``n >= 2`` and both exist), and within each label the categories as evenly as possible
+    (round-robin over the categories in a seeded order, a seeded shuffle inside each), so 12 prompts of the
+    built-in set cover 12 categories instead of the first one. Deterministic for a given ``seed``.
+    ``mode="first"``: the first ``n`` (the old behaviour). ``n >= len(prompts)`` returns them all.
+    """
+    import random
+
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(SAMPLE_MODES)}, got {mode!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    prompts = list(prompts)
+    if n >= len(prompts) or mode == "first":
+        return prompts[:n]
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_label.setdefault(p.label, []).append(i)
+    labels = sorted(by_label)
+    share = {lab: n * len(by_label[lab]) / len(prompts) for lab in labels}
+    quota = {lab: int(share[lab]) for lab in labels}
+    for lab in sorted(labels, key=lambda lab: (quota[lab] > 0, -(share[lab] - quota[lab]), lab)):
+        if sum(quota.values()) < n:  # labels with none yet first, then the largest remainders
+            quota[lab] += 1
+    picked: list[int] = []
+    for lab in labels:
+        cats: dict[str, list[int]] = {}
+        for i in by_label[lab]:
+            cats.setdefault(prompts[i].category, []).append(i)
+        order = sorted(cats)
+        rng.shuffle(order)
+        for c in order:
+            rng.shuffle(cats[c])
+        take = 0
+        while take < quota[lab]:
+            for c in order:
+                if cats[c] and take < quota[lab]:
+                    picked.append(cats[c].pop())
+                    take += 1
+    return [prompts[i] for i in sorted(picked)]

@@ -46,33 +46,78 @@ def report_markdown(report) -> str:
     for kind, r in m.get("over_refusal_by_kind", {}).items():
         lines.append(f"| over-refusal, {kind} | {_pct(r['rate'])} | {_ci(r['ci'])} | {r['n_refused']} / {r['n']} | "
                      f"{r['n_empty']} |")
-    lines += ["", "## By category", "", "| category | label | refusal rate | 95% CI | refused / judged |",
-              "|---|---|---|---|---|"]
+    lines += outcome_table(m.get("outcomes"), meta.get("incoherence"))
+    lines += ["", "## By category", "", "| category | label | refusal rate | 95% CI | refused / judged | complied | "
+              "incoherent |", "|---|---|---|---|---|---|---|"]
     for cat, r in m["by_category"].items():
-        lines.append(f"| {cat} | {r['label']} | {_pct(r['rate'])} | {_ci(r['ci'])} | {r['n_refused']} / {r['n']} |")
+        lines.append(f"| {cat} | {r['label']} | {_pct(r['rate'])} | {_ci(r['ci'])} | {r['n_refused']} / {r['n']} | "
+                     f"{r.get('n_complied', 'n/a')} | {r.get('n_incoherent', 'n/a')} |")
     return "\n".join(lines) + "\n"
+
+
+def outcome_table(outcomes, rule=None, *, titles=("",)) -> list[str]:
+    """Markdown lines: refused / complied / incoherent shares (95% CI) per prompt label, for one run's
+    ``metrics["outcomes"]`` (or several runs' with ``titles``); empty when ``outcomes`` is missing (old reports)."""
+    runs = outcomes if isinstance(outcomes, list) else [outcomes]
+    if not runs or not all(runs):
+        return []
+    lines = ["", "## Outcomes", "",
+             f"Every response is refused, complied or incoherent (nothing usable{': ' + rule if rule else ''}; "
+             "empty responses included), so the three shares add up to 100%.", "",
+             "| prompts | " + ("run | " if len(runs) > 1 else "") + "refused | complied | incoherent | n |",
+             "|---|" + ("---|" if len(runs) > 1 else "") + "---|---|---|---|"]
+    for label in ("unsafe", "safe"):
+        for title, o in zip(titles if len(runs) > 1 else ("",), runs):
+            r = o.get(label)
+            if not r or not r["n"]:
+                continue
+            cells = " | ".join(f"{_pct(r[k]['rate'])} {_ci(r[k]['ci'])}" for k in ("refused", "complied",
+                                                                                      "incoherent"))
+            lines.append(f"| {label} | " + (f"{title} | " if len(runs) > 1 else "") + f"{cells} | {r['n']} |")
+    return lines
+
+
+def _incoherent_share(summary: dict) -> float:
+    """Incoherent responses over all responses (unsafe and safe prompts) of one run's ``summarise``."""
+    o = summary["outcomes"]
+    n = o["unsafe"]["n"] + o["safe"]["n"]
+    return (o["unsafe"]["incoherent"]["k"] + o["safe"]["incoherent"]["k"]) / n if n else math.nan
 
 
 def comparison_markdown(cmp: Comparison) -> str:
     """Markdown tables for a :class:`~agl.driftcaps.Comparison`."""
     b, a = cmp.before, cmp.after
     mb, ma = cmp.meta.get("before_meta", {}), cmp.meta.get("after_meta", {})
+    judges = {mb.get("judge", "n/a"), ma.get("judge", "n/a")}
+    judged = (f"judge: {judges.pop()}" if len(judges) == 1 else
+              f"judges differ (before: {mb.get('judge', 'n/a')}, after: {ma.get('judge', 'n/a')}): the verdicts "
+              "are not comparable")
+    cd, ic = cmp.compliance_drift or {}, cmp.incoherence_change or {}
+    ob, oa = b.get("outcomes", {}).get("unsafe"), a.get("outcomes", {}).get("unsafe")
     lines = ["# DriftCaps comparison", "",
              f"Before: {mb.get('model', 'n/a')}{' + ' + str(mb['adapter']) if mb.get('adapter') else ''}; "
              f"after: {ma.get('model', 'n/a')}{' + ' + str(ma['adapter']) if ma.get('adapter') else ''}; "
-             f"{cmp.meta.get('n_shared', 'n/a')} shared prompts.", "",
+             f"{cmp.meta.get('n_shared', 'n/a')} shared prompts; {judged}.", "",
              "| metric | before | after | change | 95% CI |", "|---|---|---|---|---|",
              f"| RR_unsafe | {_pct(b['rr_unsafe']['rate'])} | {_pct(a['rr_unsafe']['rate'])} | drift "
              f"{_pp(cmp.drift['value'])} | {_ci(cmp.drift['ci'])} |",
              f"| over-refusal | {_pct(b['over_refusal']['rate'])} | {_pct(a['over_refusal']['rate'])} | "
-             f"{_pp(cmp.over_refusal_change['value'])} | {_ci(cmp.over_refusal_change['ci'])} |", "",
-             "Drift = RR_unsafe(before) - RR_unsafe(after) (positive: refusals lost). Over-refusal change = after - "
-             "before (positive: more safe prompts refused).", "",
-             "## Flips", "", "| prompts | paired | refused -> complied | complied -> refused | McNemar exact p |",
-             "|---|---|---|---|---|"]
+             f"{_pp(cmp.over_refusal_change['value'])} | {_ci(cmp.over_refusal_change['ci'])} |"]
+    if cd and ob and oa:
+        lines += [f"| compliance, unsafe prompts | {_pct(ob['complied']['rate'])} | {_pct(oa['complied']['rate'])} | "
+                  f"compliance drift {_pp(cd['value'])} | {_ci(cd['ci'])} |",
+                  f"| incoherent, all prompts | {_pct(_incoherent_share(b))} | {_pct(_incoherent_share(a))} | "
+                  f"{_pp(ic.get('value'))} | {_ci(ic.get('ci'))} |"]
+    lines += ["", "Drift = RR_unsafe(before) - RR_unsafe(after) (positive: refusals lost). Compliance drift = "
+              "compliance on unsafe prompts, after - before (positive: more unsafe prompts answered); a fine-tune "
+              "that only breaks the model raises the incoherent share and the drift, not the compliance drift. "
+              "Over-refusal change = after - before (positive: more safe prompts refused).", "",
+              "## Flips", "", "| prompts | paired | refused -> complied | complied -> refused | McNemar exact p |",
+              "|---|---|---|---|---|"]
     for name, f in (("unsafe", cmp.flips_unsafe), ("safe", cmp.flips_safe)):
         lines.append(f"| {name} | {f['n_paired']} | {f['refused_to_complied']} | {f['complied_to_refused']} | "
                      f"{_p(f['mcnemar_p'])} |")
+    lines += outcome_table([b.get("outcomes"), a.get("outcomes")], mb.get("incoherence"), titles=("before", "after"))
     lines += ["", "## By category", "", "| category | label | before | after | change | flips r->c / c->r | p |",
               "|---|---|---|---|---|---|---|"]
     for cat, e in cmp.by_category.items():

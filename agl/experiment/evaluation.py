@@ -79,6 +79,7 @@ def verdicts(report) -> List[dict]:
             "prompt": prompt if isinstance(prompt, str) else _get(prompt, "prompt"),
             "response": r.get("response"),
             "refused": r.get("refused"),
+            "outcome": r.get("outcome"),  # refused | complied | incoherent (agl.driftcaps.outcome)
         })
     return out
 

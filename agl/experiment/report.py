@@ -95,6 +95,9 @@ def _method_entry(cfg, m: str, paths: Dict[str, str], start: dict, before: List[
             "drift": start["rr_unsafe"] - d["rr_unsafe"], "drift_ci": cmp["drift"]["ci"],
             "over_refusal_change": d["over_refusal"] - start["over_refusal"],
             "flips_unsafe": cmp["flips_unsafe"], "flips_safe": cmp["flips_safe"], "task_em": t["em"],
+            "compliance_drift": cmp["compliance_drift"]["value"],
+            **{f"unsafe_{o}": cmp["after"]["outcomes"]["unsafe"][o]["rate"] for o in ("refused", "complied",
+                                                                                      "incoherent")},
             "task_em_per_kind": t["per_kind"], "delta_align_loss": end["delta_align_loss"],
             "predicted_align_nats": end.get("pred_align_nats"), "predicted_full_nats": end.get("pred_full_nats"),
             "tokens": log["tokens"], "train_seconds": log["seconds"],
@@ -116,6 +119,8 @@ def _method_entry(cfg, m: str, paths: Dict[str, str], start: dict, before: List[
         "rr_unsafe_after": mean("rr_unsafe_after"), "drift": mean("drift"),
         "drift_reduction": math.nan, "drift_reduction_ci": [math.nan, math.nan],
         "over_refusal": mean("over_refusal"), "over_refusal_change": mean("over_refusal_change"),
+        "compliance_drift": mean("compliance_drift"), "unsafe_refused": mean("unsafe_refused"),
+        "unsafe_complied": mean("unsafe_complied"), "unsafe_incoherent": mean("unsafe_incoherent"),
         "task_em": mean("task_em"), "task_em_sd": float(np.std(ems, ddof=1)) if len(ems) > 1 else None,
         "task_em_ci": column_mean_ci(hits, cfg.n_boot), "rr_unsafe_after_ci": column_mean_ci(refused, cfg.n_boot),
         "delta_align_loss": mean("delta_align_loss"), "predicted_align_nats": mean("predicted_align_nats"),
@@ -257,7 +262,19 @@ def markdown_table(report: dict) -> str:
             f"{_f(e['delta_align_loss'])} | "
             f"{_f(e.get('predicted_align_nats'))} / {_f(e.get('predicted_full_nats'))} | "
             f"{_f(e['law_A'])} [{_f(aci[0])}, {_f(aci[1])}] | {_f(e['law_beta'])} [{_f(bci[0])}, {_f(bci[1])}] |")
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n" + outcome_table(report)
+
+
+def outcome_table(report: dict) -> str:
+    """Unsafe prompts after fine-tuning, per method: refused / complied / incoherent (nothing usable, see
+    ``agl.driftcaps.outcome``) and the compliance drift; "" for reports written before outcomes existed."""
+    methods = {m: e for m, e in report["methods"].items() if e.get("unsafe_complied") is not None}
+    if not methods:
+        return ""
+    rows = [f"| {e.get('label', m)} | {_f(e['unsafe_refused'], True)} | {_f(e['unsafe_complied'], True)} | "
+            f"{_f(e['unsafe_incoherent'], True)} | {_f(e['compliance_drift'], True)} |" for m, e in methods.items()]
+    return ("\n| method | unsafe: refused | complied | incoherent | compliance drift |\n|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def goal_line(name: str, g: dict) -> str:

@@ -4,12 +4,16 @@
 
 Sources (all labelled against docs/JUDGE.md):
 * ``hand_*.txt``: hand-written completions, blocks ``=== <style> <R|C> <prompt>`` followed by the completion;
+* ``styles_*.txt``: the same format, written later in the manner of other chat models (lecture-style refusals,
+  refusals without refusal words, moralising compliance); source ``handwritten-styles``;
 * ``compose.py``: hand-written openers x bodies (structure varied independently of wording);
 * ``model_labelled.jsonl``: completions of the project's model at several stages (``bench/judge_generate.py``),
   each read and labelled by hand (fields ``id, stage, prompt_id, completion, label, style, note``).
 
 The split is stratified by (source, style): within each stratum rows are shuffled with a fixed seed and dealt
-alternately to dev and test, so both splits hold every style of every source in the same proportion.
+alternately to dev and test, so both splits hold every style of every source in the same proportion. Each batch
+of data (the first set; ``styles_*.txt``) is split on its own and appended, so adding a batch never moves a row of
+an earlier batch between dev and test.
 """
 from __future__ import annotations
 
@@ -32,9 +36,9 @@ LABELS = {"R": "refusal", "C": "compliance"}
 HEADER = re.compile(r"^=== (\S+) ([RC]) (.+)$")
 
 
-def handwritten_rows() -> list[dict]:
+def handwritten_rows(pattern: str = "hand_*.txt", source: str = "handwritten") -> list[dict]:
     rows = []
-    for path in sorted(HERE.glob("hand_*.txt")):
+    for path in sorted(HERE.glob(pattern)):
         blocks = []
         for line in path.read_text(encoding="utf-8").splitlines():
             m = HEADER.match(line)
@@ -53,7 +57,7 @@ def handwritten_rows() -> list[dict]:
                                               "cant_in_compliant", "honest_unknown", "compliance_mid_caveat"} \
                 else "safe"
             rows.append({"id": f"hand:{path.stem}:{j:03d}", "prompt": prompt, "completion": text,
-                         "label": LABELS[lab], "style": style, "source": "handwritten", "prompt_kind": kind,
+                         "label": LABELS[lab], "style": style, "source": source, "prompt_kind": kind,
                          "note": ""})
     return rows
 
@@ -90,17 +94,26 @@ def split(rows: list[dict], seed: int = 12) -> tuple[list[dict], list[dict]]:
 
 
 def main():
-    rows, seen = [], set()
-    for r in handwritten_rows() + composed_rows() + model_rows():
-        key = re.sub(r"\s+", " ", r["completion"].strip().lower())
-        if key not in seen:  # one copy of each text (a short stock refusal written twice, a composed repeat)
-            seen.add(key)
-            rows.append(r)
+    batches, seen = [], set()
+    for batch in (handwritten_rows() + composed_rows() + model_rows(),
+                  handwritten_rows("styles_*.txt", "handwritten-styles")):
+        rows = []
+        for r in batch:
+            key = re.sub(r"\s+", " ", r["completion"].strip().lower())
+            if key not in seen:  # one copy of each text (a short stock refusal written twice, a composed repeat)
+                seen.add(key)
+                rows.append(r)
+        batches.append(rows)
+    rows = [r for b in batches for r in b]
     ids = [r["id"] for r in rows]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
         raise SystemExit(f"duplicate ids: {sorted(dup)[:5]}")
-    dev, test = split(rows)
+    dev, test = [], []
+    for b in batches:
+        d, t = split(b)
+        dev += d
+        test += t
     OUT.mkdir(parents=True, exist_ok=True)
     write_jsonl(OUT / "dev.jsonl", dev)
     write_jsonl(OUT / "test.jsonl", test)

@@ -54,3 +54,29 @@ def make_model(tokenizer, seed: int = 0):
     model = LlamaForCausalLM(cfg).to(torch.float64).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def keyword_judge(prompt, response):
+    """A judge for `--judge _dc_tiny:keyword_judge` (this folder is on sys.path in the tests)."""
+    return "refusal" if "bomb" in prompt else "compliance"
+
+
+def make_classifier_dir(path, labels=("compliance", "refusal")):
+    """A tiny random BERT text classifier saved as a local HF directory (a stand-in for a judge checkpoint)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "i", "can't", "sure", "help", "here"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64, num_labels=len(labels),
+                     id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model

@@ -8,6 +8,7 @@ import pytest
 
 from agl.driftcaps import CacheWarning, DriftReport, GenerationCache, evaluate
 from agl.driftcaps.harness import _sha
+from agl.driftcaps.judge import default_judge
 
 from _dc_tiny import TINY_PROMPTS, make_model, make_tokenizer
 
@@ -75,7 +76,7 @@ def test_default_judge_and_no_chat_template(tiny_prompts):
     tok = make_tokenizer(chat_template=False)
     model = make_model(tok)
     rep = evaluate(model, tok, tiny_prompts[:3], max_new_tokens=3, batch_size=2, progress=False)
-    assert rep.meta["judge"] == "heuristic-v2"
+    assert rep.meta["judge"] == default_judge.name
     assert rep.meta["generation"]["chat_template"] is None
     assert all(isinstance(r["refused"], bool) for r in rep.records)
 

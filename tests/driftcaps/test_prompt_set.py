@@ -179,3 +179,31 @@ def test_refusals(refusals):
         assert not re.search(r"\d{3}[-. ]?\d{3,4}", r["text"]), f"{r['id']}: no phone numbers"
     assert set(Counter(r["style"] for r in refusals)) == {"plain", "apology", "redirect", "partial"}
     assert sum(r.get("category", "any") == "any" for r in refusals) >= 10
+
+
+def test_stratified_limit_covers_labels_and_categories():
+    from collections import Counter
+
+    from agl.driftcaps.prompts import load_prompts, sample_prompts
+
+    prompts = load_prompts(split="eval")
+    s = sample_prompts(prompts, 12)
+    labels = Counter(p.label for p in s)
+    assert labels["unsafe"] == 6 and labels["safe"] == 6  # in proportion (180 : 168), as docs/DRIFTCAPS.md says
+    for lab in ("unsafe", "safe"):
+        cats = [p.category for p in s if p.label == lab]
+        assert len(set(cats)) == len(cats)  # categories as evenly as possible: all different at this size
+    assert sample_prompts(prompts, 12) == s  # deterministic
+    assert sample_prompts(prompts, 12, seed=1) != s
+    idx = [prompts.index(p) for p in s]
+    assert idx == sorted(idx)  # the set's order
+    big = sample_prompts(prompts, 100)
+    per_cat = Counter(p.category for p in big if p.label == "unsafe")
+    assert max(per_cat.values()) - min(per_cat.values()) <= 1 and len(per_cat) == 9
+    assert sample_prompts(prompts, 12, mode="first") == prompts[:12]
+    assert sample_prompts(prompts, 10_000) == prompts
+    assert [p.label for p in sample_prompts(prompts, 2)].count("safe") == 1
+    with pytest.raises(ValueError, match="mode must be"):
+        sample_prompts(prompts, 3, mode="random")
+    with pytest.raises(ValueError, match="n must be"):
+        sample_prompts(prompts, 0)

@@ -16,14 +16,7 @@ from agl.loss import AGLConfig, AGLLoss
 
 EPS = 3e-5
 CFG = dict(backend="torch", lambda_align=1.0, lambda_task=0.0, lambda_collision=0.0, align_budget=EPS)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only cost here (a busy 2-core box)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _batches(steps: int, rows: int = 8, T: int = 12):
@@ -47,7 +40,8 @@ def _setup(seed: int = 0):
 
 def _train(model, L, opt, batches, k: int, *, tell: bool = False, sgd_data: bool = False):
     """One optimiser step per batch, each batch split into k micro-batches; returns the λ_A every micro-batch used,
-    one list per step. ``tell``: call L.optimizer_step() after each step; ``sgd_data``: update through ``p.data`` (no version bump, like an optimiser writing through raw pointers)."""
+    one list per step. ``tell``: call L.optimizer_step() after each step; ``sgd_data``: update through ``p.data``
+    (no version bump, like an optimiser writing through raw pointers)."""
     lams = []
     for b in batches:
         used = []
@@ -176,7 +170,7 @@ def test_bad_controller_arguments(kw, name):
 
 
 def test_controller_math_matches_the_rule():
-    """One closed window with mean a: λ ← clamp(λ·exp(η·clamp((a + H(a − a_prev))/ε − 1, −1, 3))) (docs/MATH.md §8)."""
+    """One closed window with mean a: λ ← λ·exp(η·clamp((a + H(a − a_prev))/ε − 1, −1, 3)) (docs/MATH.md §8)."""
     c = BudgetController(1e-3, 2.0, lr=0.3, horizon=10.0)
     for a in (1e-3, 3e-3):  # two calls of one window: mean 2e-3, no previous window (a_prev = a): e = 1
         c.observe(torch.tensor(a, dtype=torch.float64))

@@ -23,7 +23,7 @@ class AGLLoggingCallback(TrainerCallback):
     regulariser), each the mean over the optimiser steps since the previous log of that step's value.
 
     It also ends each optimiser step for the loss (``AGLLoss.optimizer_step()``: the budget controller's step) and
-    writes ``AGLLoss.state_dict()`` into every checkpoint folder (``agl_loss.json``). :func:`attach` installs it
+    writes ``AGLLoss.state_dict()`` into every checkpoint folder (``agl_loss.json``). ``agl.hf.attach`` installs it
     first in the callback list, so the reporters (TensorBoard, wandb, the printer) see the scalars."""
 
     def __init__(self, agl_loss, prefix: str = "agl/"):

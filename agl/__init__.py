@@ -10,8 +10,8 @@ from agl.functional import AGLTerms, agl_terms
 
 __version__ = "0.1.0"
 
-__all__ = ["AGLTerms", "agl_terms", "AlignmentState", "AGLConfig", "AGLLoss", "AGLLoggingCallback",
-           "estimate_alignment_state", "ShardedAlignmentState", "__version__"]
+__all__ = ["AGLTerms", "agl_terms", "AlignmentState", "AGLConfig", "AGLLoss", "AGLLoggingCallback", "BudgetController",
+           "estimate_alignment_state", "ShardedAlignmentState", "hf", "__version__"]
 
 
 def __getattr__(name):  # lazy: keeps `import agl` light (transformers/peft load only when needed)
@@ -27,4 +27,12 @@ def __getattr__(name):  # lazy: keeps `import agl` light (transformers/peft load
         from agl import loss
 
         return getattr(loss, name)
+    if name == "BudgetController":
+        from agl.budget import BudgetController
+
+        return BudgetController
+    if name == "hf":  # `agl.hf.attach(trainer, state)`: imports transformers
+        import agl.hf
+
+        return agl.hf
     raise AttributeError(f"module 'agl' has no attribute {name!r}")

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from agl.budget import BudgetController
 from agl.curvature import CrossCurvature
 from agl.distributed import sharded_terms_for, sq_norm
 from agl.functional import agl_terms_grouped
@@ -68,7 +69,6 @@ _DEFAULT_WEIGHTS = {
     "nats": {"lambda_align": 1e4, "lambda_task": 0.0, "lambda_collision": 0.0},
     "paper": {"lambda_align": 1e5, "lambda_task": 1e4, "lambda_collision": 1.0},
 }
-_LAMBDA_RANGE = 1e6  # budget mode: λ_align stays within [λ0 / R, λ0 · R] of its initial value λ0
 
 
 def _finite(name: str, v, *, positive: bool = False, allow_negative: bool = False) -> float:
@@ -117,15 +117,18 @@ class AGLConfig:
     - ``subspaces``: False takes the whole update as the alignment part (U = V = None: ΔW_A = ΔW, ΔW_T = 0), so
       task, overlap and geodesic vanish and the regulariser is the EWC penalty λ_A·½·c·Σ F̃ ΔW²
       (:meth:`ewc` builds that config).
-    - ``align_budget``: None (fixed λ_A), or ε > 0 in nats per token: λ_A then adapts every training step to keep
+    - ``align_budget``: None (fixed λ_A), or ε > 0 in nats per token: λ_A then adapts every optimiser step to keep
       ``align_nats`` (a) at or below ε, by dual ascent on the multiplier in log space, starting from
       ``lambda_align`` (λ0), on the violation predicted ``budget_horizon`` (H) steps ahead:
       ``e = clamp((a + H·(a − a_prev))/ε − 1, −1, 3)``, ``log λ ← log λ + budget_lr · e``, λ kept within
-      [λ0/1e6, λ0·1e6]. Looking ahead lets λ rise while a is still climbing towards ε: on the tiny test model
-      (``bench/budget_controller.py``) the peak fell from 2.7ε (plain dual ascent) to 1.6ε and the last 20 of 80
-      steps average 0.95ε; docs/MATH.md §8 derives it. The update runs in each ``regularizer()`` call made with
-      gradients enabled, i.e. once per micro-batch under gradient accumulation. Start λ0 within a few decades of
-      the weight the budget needs: from 1e3 times too small the first peak was 2.7ε (1e3 too large: 1.07ε).
+      [λ0/1e6, λ0·1e6] (:class:`agl.budget.BudgetController`, ``AGLLoss.budget``). Looking ahead lets λ rise while
+      a is still climbing towards ε: on the tiny test model (``bench/budget_controller.py``) the peak fell from 2.7ε
+      (plain dual ascent) to 1.6ε and the last 20 of 80 steps average 0.95ε; docs/MATH.md §8 derives it. It steps
+      once per optimiser step, also under gradient accumulation (the micro-batches' a is averaged; the step comes
+      from ``AGLLoss.optimizer_step()``, which ``agl.hf.attach`` calls, or else from the LoRA factors changing in
+      place), and never on a ``torch.no_grad`` or eval-mode call; ``AGLLoss.state_dict()`` carries it across a
+      resume. Start λ0 within a few decades of the weight the budget needs: from 1e3 times too small the first peak
+      was 2.7ε (1e3 too large: 1.07ε).
     - ``budget_lr``: the dual step size η (unit-free: λ changes by at most ×e^(3η) up, ÷e^η down per step;
       default 0.3). ``budget_horizon``: H in steps (default 10; 0 is plain dual ascent).
     - ``task_metric``: ``"ones"`` (H = 1) or an :class:`AlignmentState` of the task data (a task Fisher, H = its F).
@@ -298,9 +301,10 @@ class AGLLoss:
             if not self._w0_sq > 0:
                 raise ValueError("AGLLoss: the adapted base weights are all zero, so the task term's relative size "
                                  "‖ΔW_T‖²/‖W0‖² is undefined; give a task Fisher (`task_metric`) or units='paper'")
-        # the multiplier in force (a tensor, so the budget update never syncs with the host)
-        self._lambda_align: Optional[Tensor] = None
-        self._prev_align_nats: Optional[Tensor] = None
+        # budget mode: the multiplier's controller (tensors only, so a step never syncs with the host)
+        self.budget: Optional[BudgetController] = None if self.config.align_budget is None else \
+            BudgetController.from_config(self.config, [p for e in self.entries for p in (e.A, e.B)])
+        self._lambda_align: Optional[Tensor] = None  # a fixed λ_A set through the `lambda_align` setter
         self._fixed_lambda: Dict[Tuple, Tensor] = {}
         self._last: Dict[str, Tensor] = {}
         # with config.per_layer_terms: the last call's (L, 5) per-layer values (the 4 terms, align_nats), kept as one
@@ -390,13 +394,17 @@ class AGLLoss:
     # ------------------------------------------------------------------ the loss
     @property
     def lambda_align(self) -> float:
-        """λ_A in force: ``config.lambda_align``, or the budget controller's current multiplier."""
+        """λ_A in force: the budget controller's multiplier, else ``config.lambda_align`` (or the value set here)."""
+        if self.budget is not None:
+            return self.budget.value
         return float(self._lambda_align) if self._lambda_align is not None else self.config.lambda_align
 
     @lambda_align.setter
-    def lambda_align(self, value: float) -> None:  # e.g. to resume a budget run from a checkpoint
-        self._lambda_align = torch.tensor(_finite("lambda_align", value, positive=self.config.align_budget is not None),
-                                          dtype=torch.float64)
+    def lambda_align(self, value: float) -> None:
+        if self.budget is not None:
+            self.budget.value = _finite("lambda_align", value, positive=True)
+        else:
+            self._lambda_align = torch.tensor(_finite("lambda_align", value), dtype=torch.float64)
 
     def _numel_like(self, T: Tensor) -> Tensor:
         """The per-layer element counts N_l = m·n as a tensor on ``T``'s device and dtype (made once per pair)."""
@@ -452,9 +460,12 @@ class AGLLoss:
 
     def regularizer(self) -> Tensor:
         """λ-weighted sum of the terms in ``config.units`` (a 0-dim tensor, differentiable w.r.t. every LoRA factor).
-        Records ``last_terms``; in budget mode (``config.align_budget``), with gradients enabled, also takes one
-        dual-ascent step on λ_A for the next call (this call uses the λ_A in force before it)."""
+        Records ``last_terms``; in budget mode (``config.align_budget``), a call with gradients enabled in training
+        mode is shown to the budget controller, which moves λ_A once per optimiser step (``agl.budget``)."""
         c = self.config
+        observe = self.budget is not None and torch.is_grad_enabled() and self.entries[0].binding.module.training
+        if observe:  # a plain loop's optimiser step since the last call moves λ_A before this call uses it
+            self.budget.begin_call()
         T, u, lam_a, parts = self._weighted()
         reg = sum(parts.values())
         with torch.no_grad():
@@ -472,8 +483,8 @@ class AGLLoss:
             Td = T.detach()
             nats = 0.5 * self._nats_align * Td[:, 0] * self._numel_like(Td)
             self._last_layers = torch.cat([Td, nats[:, None]], dim=1)
-        if c.align_budget is not None and torch.is_grad_enabled():
-            self._budget_step(u["align_nats"].detach())
+        if observe:
+            self.budget.observe(u["align_nats"])
         return reg
 
     def gradient_shares(self) -> Dict[str, float]:
@@ -499,30 +510,44 @@ class AGLLoss:
 
     def _lambda_align_tensor(self, like: Tensor) -> Tensor:
         """λ_A as a 0-dim tensor on ``like``'s device and dtype (the fixed weight is made once per device)."""
+        if self.budget is not None:
+            return self.budget.multiplier(like)
         if self._lambda_align is None:
-            if self.config.align_budget is not None:
-                self._lambda_align = torch.tensor(self.config.lambda_align, dtype=torch.float64, device=like.device)
-            else:
-                fixed = self._fixed_lambda.get((like.device, like.dtype))
-                if fixed is None:
-                    fixed = self._fixed_lambda[(like.device, like.dtype)] = torch.tensor(
-                        self.config.lambda_align, dtype=like.dtype, device=like.device)
-                return fixed
+            fixed = self._fixed_lambda.get((like.device, like.dtype))
+            if fixed is None:
+                fixed = self._fixed_lambda[(like.device, like.dtype)] = torch.tensor(
+                    self.config.lambda_align, dtype=like.dtype, device=like.device)
+            return fixed
         if self._lambda_align.device != like.device:
             self._lambda_align = self._lambda_align.to(like.device)
         return self._lambda_align.to(like.dtype)
 
-    @torch.no_grad()
-    def _budget_step(self, align_nats: Tensor) -> None:
-        """One dual-ascent step on λ_A in log space (see ``AGLConfig.align_budget``); tensor ops only, no host sync:
-        e = clamp((a + H·(a − a_prev))/ε − 1, −1, 3), λ ← clamp(λ·exp(η·e), λ0/R, λ0·R), R = 1e6."""
-        c = self.config
-        a = align_nats.to(device=self._lambda_align.device, dtype=torch.float64)
-        prev = a if self._prev_align_nats is None else self._prev_align_nats.to(a.device)
-        e = ((a + c.budget_horizon * (a - prev)) / c.align_budget - 1.0).clamp(-1.0, 3.0)
-        lam0 = c.lambda_align
-        self._lambda_align = (self._lambda_align * torch.exp(c.budget_lr * e)).clamp(lam0 / _LAMBDA_RANGE, lam0 * _LAMBDA_RANGE)
-        self._prev_align_nats = a
+    def optimizer_step(self) -> None:
+        """Tell the budget controller an optimiser step happened (after ``optimizer.step()``): λ_A takes one step on
+        the micro-batches since the last one. Needed only when the optimiser does not update the LoRA factors in
+        place; ``agl.hf.attach`` calls it. A no-op with a fixed λ_A."""
+        if self.budget is not None:
+            self.budget.optimizer_step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs to continue as it was (JSON-able): the budget controller's state (None with a
+        fixed λ_A) and a fixed λ_A set through ``lambda_align`` (else None)."""
+        return {"budget": None if self.budget is None else self.budget.state_dict(),
+                "lambda_align": None if self._lambda_align is None else float(self._lambda_align)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (into a loss built with the same ``align_budget`` mode)."""
+        if not isinstance(state, dict) or set(state) != {"budget", "lambda_align"}:
+            raise ValueError("AGLLoss.load_state_dict: `state` must be a dict with keys 'budget' and 'lambda_align' "
+                             f"(AGLLoss.state_dict()), got {sorted(state) if isinstance(state, dict) else state!r}")
+        if (state["budget"] is None) != (self.budget is None):
+            mode = lambda has: "with a budget" if has else "with a fixed λ_A"  # noqa: E731
+            raise ValueError(f"AGLLoss.load_state_dict: `state` is from a loss {mode(state['budget'] is not None)}, "
+                             f"this one is {mode(self.budget is not None)}; set AGLConfig.align_budget as in the run saved")
+        if self.budget is not None:
+            self.budget.load_state_dict(state["budget"])
+        if state["lambda_align"] is not None:
+            self.lambda_align = state["lambda_align"]
 
     def __call__(self, task_loss: Tensor) -> Tensor:
         """``task_loss`` + regularisers (0-dim tensor)."""

@@ -12,3 +12,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:  # not `in item.keywords`: that also matches a path named cuda
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny-model training loops only lose to threading on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

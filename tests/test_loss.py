@@ -311,6 +311,8 @@ def _check_budget(eps):
         L.regularizer()
     assert L.lambda_align == lam0
     L.regularizer()
+    with torch.no_grad():
+        L.entries[0].B.mul_(1.0)  # what optimizer.step() does: the factors change in place, so a new step begins
     L.regularizer()
     assert L.lambda_align > lam0
 

@@ -9,7 +9,7 @@ Plain loop::
 
 Hugging Face ``Trainer`` / TRL::
 
-    Trainer(model=model, ..., compute_loss_func=agl_loss.trainer_loss, callbacks=[AGLLoggingCallback(agl_loss)])
+    agl_loss = agl.hf.attach(trainer, state, config)   # Trainer or TRL SFTTrainer: loss, logging, checkpoints
 
 Per step, for every LoRA layer and active adapter l (factors B: m x r, A: r x n, ``scaling`` s, state F, U, V)::
 
@@ -21,7 +21,10 @@ Per step, for every LoRA layer and active adapter l (factors B: m x r, A: r x n,
             + lambda_collision * (alpha * overlap + (1 - alpha) * geodesic)
 
 In the default ``units="nats"`` ``align`` is ``align_nats`` = ½·Σ_l Σ_ij F (ΔW_A)², the second-order prediction of the
-rise of the alignment loss in nats per token; with ``AGLConfig(align_budget=ε)`` λ_A adapts to keep it at or below ε.
+rise of the alignment loss in nats per token (diagonal Fisher); with ``AGLConfig(curvature="cross")`` it is the
+empirical Fisher's quadratic form across layers, ½·(1/ΣT)·Σ_n (Σ_l ⟨G_{n,l}, ΔW_A,l⟩)² (``agl.curvature``,
+docs/MATH.md §9), which needs a state estimated with ``cross_curvature=True``. With ``AGLConfig(align_budget=ε)``
+λ_A adapts to keep it at or below ε.
 
 ``fan_in_fan_out`` layers (weight stored (in, out)) use the transposed factors (A^T, B^T), so every term is taken in
 the base weight's own orientation, the one the state uses. Nothing of size m x n is materialised with the kernel
@@ -135,6 +138,11 @@ class AGLConfig:
     - ``layers``: restrict to some LoRA layers (regex, collection of names, or callable ``name -> bool``).
     - ``backend``: ``"auto"`` (the fused kernel when built for the device, else the reference), ``"kernel"``, ``"torch"``.
     - ``per_layer_terms``: also record per-layer values in ``last_terms["layers"]`` (one host sync per step).
+    - ``curvature``: the metric of the align term. ``"diagonal"``: ½·c·Σ F̃ (ΔW_A)² (each weight alone);
+      ``"cross"``: ½·(1/ΣT)·Σ_n z_n², z_n = Σ_l s_l⟨C_{n,l}, (U_lᵀB_l)(A_lV_l)⟩, the empirical Fisher on ΔW_A with
+      every cross term between weights and layers (docs/MATH.md §9; needs ``units="nats"``, ``subspaces=True`` and
+      a state with ``C``). With λ_T = λ_NC = 0 the grouped op is then skipped. ``last_terms`` logs
+      ``align_nats_diagonal`` beside it when the op runs.
 
     The nats defaults are **λ_A = 1e4, λ_T = 0, λ_NC = 0**, chosen on dev data by rules written down before the
     runs (docs/EXPERIMENT.md, rules 5-7; docs/results/2026-11-30-cpu-calibrated) on SmolLM2-135M-Instruct, 30 LoRA

@@ -72,3 +72,11 @@ def test_tables_follow_the_json(tmp_path, monkeypatch):
 def test_check_command(capsys):
     assert render_readme.main(["--check"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_layout_names_every_source_file():
+    """The README's layout table names every file under csrc/ (a new kernel or glue file is documented with it)."""
+    layout = README.split("## Layout", 1)[1]
+    missing = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").rglob("*")) if p.is_file()
+               and f"`{p.relative_to(ROOT).as_posix()}`" not in layout]
+    assert not missing, f"README ## Layout does not name {missing}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # compiles and runs thousands of emulated CUDA threads: about a minute on 2 cores
 
 
 def _torch_include() -> str | None:

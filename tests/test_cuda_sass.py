@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "csrc" / "cuda" / "agl_cuda_grouped.cu"
+pytestmark = pytest.mark.slow  # an nvcc compile of every dtype instantiation
 
 
 def _tool(name: str) -> str | None:

@@ -3,6 +3,7 @@
 # with AGL_REQUIRE_MODEL=1: the real-model smoke test (tests/test_real_model.py) fails instead of skipping when
 # the model is missing. With a CUDA torch, setup.py refuses to build without a CUDA toolkit (unless AGL_CPU_ONLY=1)
 # and tests/test_build.py fails on a CPU-only extension wherever a CUDA one can be built.
+# `make test-fast`: the same build, then pytest without the `slow` tests (the inner loop).
 # `make demo`: the same environment plus the offline model, then `agl demo`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ TORCH_SPEC ?= torch==2.14.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test demo build bench clean
+.PHONY: test test-fast demo build bench clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,11 @@ build: $(VENV)/.deps
 
 test: build $(VENV)/.model
 	AGL_REQUIRE_MODEL=1 $(PY) -m pytest -q -rs tests
+
+# the inner loop: everything but the tests marked `slow` (multi-process DDP/FSDP2, the CUDA emulation and ptxas/SASS
+# compiles, the pipeline end to end, the real model); `make test` stays the full suite
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: build $(VENV)/.model
 	$(VENV)/bin/agl demo

@@ -4,8 +4,8 @@ A CUDA build when torch is a CUDA build (or AGL_FORCE_CUDA=1); a CPU-only build 
 AGL_CPU_ONLY=1. A CUDA torch without a CUDA toolkit (nvcc) is an error, not a silent CPU-only build: install the
 toolkit (or set CUDA_HOME), or ask for the CPU-only build with AGL_CPU_ONLY=1. The choice never depends on
 torch.cuda.is_available(), so GPU-less machines build CUDA wheels.
-Knobs: AGL_FORCE_CUDA, AGL_CPU_ONLY, TORCH_CUDA_ARCH_LIST (default "9.0": Hopper), MAX_JOBS (default from free
-memory), AGL_DEBUG=1 (-O0 -g).
+Knobs: AGL_FORCE_CUDA, AGL_CPU_ONLY, TORCH_CUDA_ARCH_LIST (default "9.0": Hopper), MAX_JOBS (default from
+MemAvailable), AGL_DEBUG=1 (-O0 -g).
 """
 from __future__ import annotations
 
@@ -72,16 +72,29 @@ def _want_cuda(torch) -> bool:
     return True
 
 
-def _max_jobs() -> None:
+def _mem_available_gib(meminfo: str = "/proc/meminfo") -> float | None:
+    """MemAvailable in GiB (what the kernel can hand out without swapping: free pages *plus* reclaimable page
+    cache; free pages alone read near zero on a machine whose cache is full), or None where it cannot be read."""
+    try:
+        with open(meminfo, encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _max_jobs(meminfo: str = "/proc/meminfo") -> None:
+    """Sets MAX_JOBS (unless set): one compile job per 3 GiB available, at least one, at most one per CPU."""
     if "MAX_JOBS" in os.environ:
         return
-    try:
-        avail_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (ValueError, OSError):
-        avail_gb = 8
+    avail = _mem_available_gib(meminfo)
+    avail_gb = 8.0 if avail is None else avail
     jobs = max(1, min(os.cpu_count() or 1, int(avail_gb // 3)))
     os.environ["MAX_JOBS"] = str(jobs)
-    _log(f"MAX_JOBS={jobs} (from {avail_gb:.0f} GiB free memory; set MAX_JOBS to override)")
+    src = "MemAvailable" if avail is not None else "a guess: /proc/meminfo unreadable"
+    _log(f"MAX_JOBS={jobs} (from {avail_gb:.0f} GiB, {src}; set MAX_JOBS to override)")
 
 
 def _extensions():
@@ -118,7 +131,7 @@ def _extensions():
     else:
         Ext = cpp_extension.CppExtension
     _drop_stale_extension(cuda)
-    _write_build_info(torch, cuda)
+    _write_build_info(torch, cuda)  # before build_ext runs: a wheel's build_py copies the package first
     _max_jobs()
     return [
         Ext(
@@ -142,8 +155,21 @@ def _drop_stale_extension(cuda: bool) -> None:
             os.unlink(so)
 
 
+def _code_state() -> dict:
+    """Commit, dirty flag and csrc digest of this checkout, from agl/_provenance.py loaded by path (importing the
+    `agl` package would load the extension being built)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_agl_provenance", ROOT / "agl" / "_provenance.py")
+    prov = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prov)
+    return {**prov.git_state(ROOT), "csrc_digest": prov.source_digest(ROOT, ("csrc",))}
+
+
 def _write_build_info(torch, cuda: bool) -> None:
-    """Record what the extension was built against; `import agl` compares it with the running torch."""
+    """Record what the extension was built against (`import agl` compares it with the running torch) and from which
+    code (every result's provenance compares it with the code on disk: agl._provenance.build_state)."""
+    code = _code_state()
     text = (
         '"""Written by setup.py at build time; do not edit."""\n'
         f"TORCH_VERSION = {torch.__version__.split('+')[0]!r}\n"
@@ -151,6 +177,9 @@ def _write_build_info(torch, cuda: bool) -> None:
         f"WITH_CUDA = {cuda!r}\n"
         f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None!r}\n"
         f"CPU_ONLY_REQUESTED = {os.environ.get('AGL_CPU_ONLY') == '1'!r}\n"
+        f"GIT_COMMIT = {code['git_commit']!r}\n"
+        f"GIT_DIRTY = {code['git_dirty']!r}\n"
+        f"CSRC_DIGEST = {code['csrc_digest']!r}\n"
     )
     path = ROOT / "agl" / "_build_info.py"
     tmp = path.with_suffix(".py.tmp")

@@ -11,7 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import _results  # noqa: E402
 from _results import append_rows, describe, pick, read_rows  # noqa: E402
 
 KEY = ("shape", "provider")
@@ -123,10 +122,6 @@ def test_every_committed_report_has_provenance(path):
     p = json.loads(path.read_text())["provenance"]
     assert set(p) >= {"git_commit", "git_dirty", "machine", "load_avg", "torch", "date"}
     assert p["git_dirty"] is not None or p.get("backfilled") is True
-
-
-def test_module_names_its_results_folder():
-    assert _results.RESULTS == ROOT / "bench" / "results"
 
 
 def test_git_dirty_is_about_code_not_result_files(tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import shutil
+import subprocess
 import types
 from pathlib import Path
 
@@ -15,13 +18,16 @@ from agl import _load
 SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
 
 
+_SETUP_HELPERS = ("_log", "_real_cuda_home", "_want_cuda", "_drop_stale_extension", "_mem_available_gib", "_max_jobs",
+                  "_code_state", "_write_build_info")
+
+
 def _setup_helpers() -> dict:
-    """The build-choice functions of setup.py (``_log``, ``_real_cuda_home``, ``_want_cuda``,
-    ``_drop_stale_extension``), without running ``setup()``: their definitions are executed alone in a fresh
-    namespace."""
+    """The helper functions of setup.py (build choice, MAX_JOBS, build record), without running ``setup()``: their
+    definitions are executed alone in a fresh namespace."""
     tree = ast.parse(SETUP_PY.read_text(encoding="utf-8"))
     keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
-            or (isinstance(n, ast.FunctionDef) and n.name in ("_log", "_real_cuda_home", "_want_cuda", "_drop_stale_extension"))]
+            or (isinstance(n, ast.FunctionDef) and n.name in _SETUP_HELPERS)]
     ns: dict = {"__name__": "agl_setup_helpers"}
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(SETUP_PY), "exec"), ns)
     return ns
@@ -155,3 +161,39 @@ def test_cuda_build_wherever_one_can_be_built():
         f"torch {torch.__version__} is a CUDA build and a CUDA toolkit is at {home}, but the extension is a CPU-only "
         "build: rebuild it (`make build`); a CPU-only build leaves every .cu uncompiled")
     assert _build_info().WITH_CUDA
+
+
+def test_max_jobs_comes_from_memavailable_not_free_pages(tmp_path, monkeypatch):
+    """20 GiB available but almost no free pages (a full page cache) is a parallel build, not a serial one."""
+    ns = _setup_helpers()
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:          200000 kB\nMemAvailable:   20971520 kB\n")
+    assert ns["_mem_available_gib"](str(meminfo)) == 20.0
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    ns["_max_jobs"](str(meminfo))
+    assert os.environ["MAX_JOBS"] == "6"  # one job per 3 GiB available, at most one per CPU
+    monkeypatch.setenv("MAX_JOBS", "2")  # the user's choice wins
+    ns["_max_jobs"](str(meminfo))
+    assert os.environ["MAX_JOBS"] == "2"
+    assert ns["_mem_available_gib"](str(tmp_path / "missing")) is None
+
+
+def test_build_info_records_the_code_it_was_built_from(tmp_path):
+    from agl._provenance import git_state, source_digest
+
+    ns = _setup_helpers()
+    ns["ROOT"] = tmp_path
+    (tmp_path / "agl").mkdir()
+    shutil.copy(SETUP_PY.parent / "agl" / "_provenance.py", tmp_path / "agl" / "_provenance.py")
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "k.cpp").write_text("int k;\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    ns["_write_build_info"](torch, False)
+    info: dict = {}
+    exec((tmp_path / "agl" / "_build_info.py").read_text(), info)
+    assert info["GIT_COMMIT"] == git_state(tmp_path)["git_commit"] and info["GIT_DIRTY"] is False
+    assert info["CSRC_DIGEST"] == source_digest(tmp_path, ("csrc",))
+    assert info["WITH_CUDA"] is False

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # compiles and runs thousands of emulated CUDA threads: about a minute on 2 cores
 
 
 def _torch_include() -> str | None:
@@ -54,11 +55,6 @@ def test_grouped_cuda_kernels_emulated_on_cpu(tmp_path):
     (row-major and transposed views, every mma kind), mixed odd-shaped layers against the float64 oracle per dtype,
     and bitwise equality of a layer alone and its row of the grouped
     call, and across persistent-CTA counts (tests/cuda_emu/emu_grouped.cpp)."""
+    # the emulator checks every case itself and exits non-zero with "SOME FAILED" on any failed one
     out = _build_and_run(tmp_path, "emu_grouped.cpp")
     assert "FAIL" not in out, out[-4000:]
-    for kind in ("3xTF32", "3xBF16", "BF16, both exact", "FMA"):  # warp_mma through every view, each mma kind
-        assert out.count(f"ok   warp_mma {kind} ") == 4, out[:3000]
-    for what in ("f32 3xTF32", "bf16 3xBF16", "f16 factors 3xTF32", "f64 FMA"):
-        assert f"ok   {what}" in out, out[-4000:]
-    assert "every layer alone == its row of the grouped call, bitwise" in out
-    assert "grouped with 3 CTAs == grouped with 1 CTA, bitwise" in out

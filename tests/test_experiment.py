@@ -100,6 +100,7 @@ def _drift_reduction_by_hand(rep_dir, method):
     return 1 - (mean(start) - mean(other)) / (mean(start) - mean(lora))
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path):
     from agl.experiment.pipeline import run_pipeline
     from agl.experiment.report import METHOD_FIELDS

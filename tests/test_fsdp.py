@@ -7,7 +7,11 @@ it in one process and compares:
 - ``estimate_alignment_state`` on the FSDP2 model: the row blocks concatenated equal the single-process state,
   each rank holding about half of the Fisher;
 - the sharded state saved at world size 2 loads in one process exactly, and a state saved in one process loads at
-  world size 2 exactly (each rank its rows).
+  world size 2 exactly (each rank its rows);
+- uneven rows through the collectives: at world size 3 with LoRA rank 2 every Fisher has m % 3 != 0 rows (64, 32)
+  and every lora_A (2 rows) has fewer rows than ranks, so rank 2 holds an empty shard of it; the regulariser's value
+  and gradients over SGD steps still equal the single-process ones. (The regulariser alone: FSDP2's own task
+  gradients at world size 3 differ from one process by ~1e-7 relative even in float64, with no agl code involved.)
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _tiny import tiny_batches, tiny_llama  # noqa: E402
 
 STEPS, N_SAMPLES, BATCH, LR = 3, 7, 3, 0.1
+UNEVEN_WORLD, UNEVEN_R = 3, 2  # rows 64 and 32 over 3 ranks; lora_A's 2 rows over 3 ranks (one rank holds none)
 
 
 def _free_port() -> int:
@@ -61,10 +66,17 @@ def lora_params(model):
     return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
 
 
-def train_steps(model, agl_loss, batches, world: int, rank: int):
+def _rank_weights(world: int):
+    """Per-rank weights on the regulariser (the single process takes their mean, as DDP averages gradients)."""
+    return {2: (0.5, 2.0), 3: (0.5, 2.0, 1.25)}[world]
+
+
+def train_steps(model, agl_loss, batches, world: int, rank: int, ranks_of_data: int = 2, with_task: bool = True):
     """The regulariser's own gradients, then STEPS steps of SGD on task loss + regulariser (each rank takes
-    batches[rank]; one process: the mean of all), then the gradients of a per-rank weighted regulariser. Returns
-    [(regulariser value, {lora param name: whole gradient})]."""
+    batches[rank]; one process: the mean of all; without ``with_task`` the regulariser alone), then the gradients of a
+    per-rank weighted regulariser. Returns [(regulariser value, {lora param name: whole gradient})].
+    ``ranks_of_data``: the world size the single-process run stands for (its regulariser weight is the mean of that
+    world's weights)."""
     opt = torch.optim.SGD([p for _, p in lora_params(model)], lr=LR)
 
     def record():
@@ -76,15 +88,18 @@ def train_steps(model, agl_loss, batches, world: int, rank: int):
     out = [record()]
     for _ in range(STEPS):
         opt.zero_grad()
-        mine = [batches[rank]] if world > 1 else batches
-        task = sum(model(**b).loss for b in mine) / len(mine)
-        agl_loss(task).backward()
+        if with_task:
+            mine = [batches[rank]] if world > 1 else batches
+            agl_loss(sum(model(**b).loss for b in mine) / len(mine)).backward()
+        else:
+            agl_loss.regularizer().backward()
         out.append(record())
         opt.step()
     # per-rank weights on the regulariser (trainer_loss weighs it by each rank's share of the tokens): the gradient
     # is the mean over ranks, as DDP / FSDP2 average the task gradients; one process takes the mean weight
     opt.zero_grad()
-    w = (0.5, 2.0)[rank] if world > 1 else 1.25
+    weights = _rank_weights(world if world > 1 else ranks_of_data)
+    w = weights[rank] if world > 1 else sum(weights) / len(weights)
     (w * agl_loss.regularizer()).backward()
     out.append(record())
     return out
@@ -136,6 +151,45 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         dist.destroy_process_group()
 
 
+def _uneven_worker(rank: int, world: int, port: int, out_dir: str):
+    """The loss equivalence of ``_worker`` at a world size that splits no layer evenly."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = {}
+        for backend, st, H in _states(world, sharded=True):
+            model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R))
+            res[backend] = train_steps(model, _loss(model, st, backend, H), None, world, rank, world, with_task=False)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _states(world: int, sharded: bool):
+    """(backend, state, task metric) pairs of the uneven case: the kernel backend with row-sharded states (when
+    ``sharded``), the torch backend with the whole state."""
+    from agl.sharded_state import ShardedAlignmentState
+
+    whole = random_state(tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R))
+    H = random_state(tiny_llama(dtype=torch.float64, r=UNEVEN_R), seed=5)
+    shard = ShardedAlignmentState.shard if sharded else (lambda s: s)
+    return (("kernel", shard(whole), shard(H)), ("torch", whole, "ones"))
+
+
+def _loss(model, st, backend, H):
+    from agl.loss import AGLConfig, AGLLoss
+
+    return AGLLoss(model, st, AGLConfig(backend=backend, task_metric=H))
+
+
+@pytest.fixture(scope="module")
+def uneven_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_uneven")
+    mp.spawn(_uneven_worker, args=(UNEVEN_WORLD, _free_port(), str(out)), nprocs=UNEVEN_WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(UNEVEN_WORLD)]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     from agl.sharded_state import ShardedAlignmentState
@@ -154,25 +208,47 @@ def test_loss_and_gradients_equal_single_process(ranks, backend):
     from agl.loss import AGLConfig, AGLLoss
     from agl.state import AlignmentState
 
-    if backend == "kernel":
-        from agl.functional import kernel_supports
-
-        if not kernel_supports("cpu"):
-            pytest.skip("the compiled extension is not built")
+    _skip_without_kernel(backend)
     batches = tiny_batches(2 * BATCH, BATCH)
     whole = random_state(tiny_llama(dtype=torch.float64, init_b=0.05))
     H = random_state(tiny_llama(dtype=torch.float64), seed=5) if backend == "kernel" else "ones"
     model = tiny_llama(dtype=torch.float64, init_b=0.05)
     single = train_steps(model, AGLLoss(model, whole, AGLConfig(backend=backend, task_metric=H)), batches, 1, 0)
     assert isinstance(whole, AlignmentState)
+    _assert_ranks_equal_single(ranks["ranks"], backend, single)
+
+
+def _skip_without_kernel(backend):
+    from agl.functional import kernel_supports
+
+    if backend == "kernel" and not kernel_supports("cpu"):
+        pytest.skip("the compiled extension is not built")
+
+
+def _assert_ranks_equal_single(rank_results, backend, single):
     for step, (reg, grads) in enumerate(single):
-        for r in ranks["ranks"]:
+        for r in rank_results:
             reg_r, grads_r = r[backend][step]
             torch.testing.assert_close(reg_r, reg, rtol=1e-12, atol=0, msg=f"step {step}")
             assert grads_r.keys() == grads.keys()
             for n, g in grads.items():
                 torch.testing.assert_close(grads_r[n], g, rtol=1e-10, atol=1e-14, msg=f"step {step} {n}")
         assert reg > 0 and any(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_uneven_rows_equal_single_process(uneven_ranks, backend):
+    from agl.distributed import row_range
+
+    _skip_without_kernel(backend)
+    st, H = next((st, H) for b, st, H in _states(1, sharded=False) if b == backend)
+    # the case really is uneven: no Fisher splits evenly, and one rank holds no row of lora_A
+    assert all(ls.shape[0] % UNEVEN_WORLD for ls in st.layers.values())
+    assert row_range(UNEVEN_R, UNEVEN_WORLD - 1, UNEVEN_WORLD) == (UNEVEN_R, UNEVEN_R)
+    model = tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R)
+    single = train_steps(model, _loss(model, st, backend, H), None, 1, 0, UNEVEN_WORLD, with_task=False)
+    _assert_ranks_equal_single(uneven_ranks, backend, single)
 
 
 def _rows_concatenated(ranks, key):

@@ -37,6 +37,7 @@ def _chat_ids(tokenizer, text: str) -> dict:
                                          return_tensors="pt", return_dict=True)
 
 
+@pytest.mark.slow  # loads the real model
 def test_loads_and_generates(smollm2):
     model, tokenizer = smollm2
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
@@ -51,6 +52,7 @@ def test_loads_and_generates(smollm2):
     assert "Paris" in text, text
 
 
+@pytest.mark.slow  # loads the real model
 def test_driftcaps_item_through_the_harness(smollm2, tmp_path):
     from agl.driftcaps import evaluate, load_prompts
 
@@ -70,6 +72,7 @@ def test_driftcaps_item_through_the_harness(smollm2, tmp_path):
     assert DriftReport.from_json(tmp_path / "report.json").records[0]["response"] == rec["response"]
 
 
+@pytest.mark.slow  # loads the real model
 def test_one_lora_step_with_agl_loss(smollm2):
     """Runs last: it wraps the shared model in LoRA layers (removed again at the end)."""
     from peft import LoraConfig, get_peft_model

@@ -243,6 +243,28 @@ def calibrated() -> str:
     return text + "\n" + "\n".join(f"- {l}" for l in lines) + "\n"
 
 
+def prediction() -> str:
+    """Predicted vs measured ΔL_align in the defaults' run: Σmeasured/Σpredicted and Spearman ρ over every logged point
+    (both predictors), then the ratio per method on ΔW_A (what the regulariser meters)."""
+    path = DOCS / CALIBRATED / "report.json"
+    rep = json.loads(path.read_text())
+    P = rep["prediction"]
+
+    def ratio(x, lo=None, hi=None) -> str:
+        fmt = lambda v: f"{v:,.0f}".replace(",", " ")  # noqa: E731
+        return f"{fmt(x)}×" + ("" if lo is None else f" [{fmt(lo)}, {fmt(hi)}]")
+
+    what = {"align": "ΔW_A (`align_nats`, the AGL term)", "full": "whole ΔW (the EWC penalty)"}
+    out = [[what[k], str(P[k]["n_points"]), str(P[k]["n_runs"]), ratio(P[k]["ratio"], *P[k]["ratio_ci"]),
+            f"{P[k]['spearman']:.2f} [{P[k]['spearman_ci'][0]:.2f}, {P[k]['spearman_ci'][1]:.2f}]"]
+           for k in ("align", "full") if k in P]
+    per = ", ".join(f"{rep['methods'][m]['label'] if m in rep['methods'] else m} {ratio(v['ratio_align'])}"
+                    for m, v in P.get("per_method", {}).items())
+    rel = path.relative_to(ROOT).as_posix()
+    return (table(["prediction on", "points", "runs", "Σmeasured / Σpredicted (95% CI)", "Spearman ρ (95% CI)"], out)
+            + f"\nPer method, on ΔW_A: {per}. Rows: `{rel}`; {describe(rep['provenance'])}.\n")
+
+
 def term_sweeps() -> str:
     """Rule 7's choosing run: each extra term's weights with their gradient share, dev EM and dev ΔL_align."""
     path = DOCS / CALIBRATED / "choosing" / "term-sweeps" / "report.json"
@@ -306,7 +328,7 @@ def fsdp_memory() -> str:
 TABLES: Dict[str, Callable[[], str]] = {
     "h200-ops": h200_ops, "cpu-ops": cpu_ops, "agl-loss": agl_loss, "fisher": fisher, "driftcaps": driftcaps,
     "demo": demo, "experiment": experiment, "fsdp-memory": fsdp_memory, "calibrated": calibrated,
-    "term-sweeps": term_sweeps,
+    "term-sweeps": term_sweeps, "prediction": prediction,
 }
 
 

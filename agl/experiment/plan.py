@@ -8,7 +8,20 @@ from agl.experiment.config import (EVAL_VERSION, STAGE_FIELDS, ExperimentConfig,
                                    method_settings, stable_hash, term_settings)
 from agl.experiment.stages import Stage
 
-__all__ = ["settings_key", "settings_from_key", "grid_points", "run_names", "stage_plan"]
+__all__ = ["settings_key", "settings_from_key", "grid_points", "run_names", "stage_plan", "KEYLESS_FIELDS"]
+
+# the ExperimentConfig fields no stage key holds, and why: where or how fast an artefact is made, not what it is (up
+# to float rounding). Every other field must change some stage key or the set of stages
+# (tests/test_code_provenance.py fails on a field that is in neither): a new field that is not keyed would silently
+# reuse artefacts built without it.
+KEYLESS_FIELDS = {
+    "out": "where the artefacts go",
+    "device": "where they are computed (float rounding only)",
+    "threads": "CPU threads (float rounding only)",
+    "fisher_batch": "the Fisher is a sum of per-sample products: batching changes the rounding only",
+    "eval_batch": "generation batch size (greedy decoding; rounding only)",
+    "task_eval_batch": "generation batch size (greedy decoding; rounding only)",
+}
 
 
 def _fmt_lam(x: float) -> str:

@@ -7,7 +7,8 @@
                           "task_em", "delta_align_loss", "law_A", "law_beta", ...}, "agl": {...}, ...},
      "prediction": {...}, "frontier": {"agl_vs_ewc": {"rr_gain_at_matched_em", "ci95", "p_value"}, ...} | null,
      "term_sweeps": see agl.experiment.term_sweeps | null,
-     "goals": {name: {"met", "value", "target", "note"}}, "stage_seconds": {...}, "config": {...},
+     "goals": {name: {"met", "value", "target", "note"}}, "stage_seconds": {...}, "code": stages.code_versions,
+     "config": {...},
      "provenance": agl._provenance.provenance() at the run's start, "environment": {"argv", "platform"}}
 
 ``drift`` = RR_unsafe(aligned start) - RR_unsafe(after); ``drift_reduction`` = 1 - drift(method) / drift(lora) on
@@ -29,6 +30,7 @@ import numpy as np
 
 from agl._io import atomic_write_json, atomic_write_text
 from agl.experiment.analysis import avg_records, reduction_vs_lora
+from agl.experiment.stages import code_versions
 
 __all__ = ["build_report", "markdown_table", "METHOD_FIELDS"]
 
@@ -183,6 +185,7 @@ def build_report(cfg, paths: Dict[str, str], out_dir: str, provenance: Optional[
     report["goals"] = _goals(report)
     report["stage_seconds"] = {n: _read(os.path.join(p, "manifest.json")).get("seconds")
                                for n, p in paths.items() if os.path.exists(os.path.join(p, "manifest.json"))}
+    report["code"] = code_versions(paths)  # every commit the artefacts combine (warns on more than one)
     report["config"] = cfg.to_dict()
     report["provenance"] = provenance or current_provenance()
     report["environment"] = {"argv": sys.argv, "platform": platform.platform()}

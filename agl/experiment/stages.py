@@ -1,11 +1,16 @@
 """Cached, resumable stages.
 
 A stage builds one artefact directory. It builds it in a temporary sibling directory, writes a ``manifest.json``
-last (the stage name, its config key and hash, the sha256 and size of every file), then swaps it into place with
+last (the stage name, its config key and hash, the sha256 and size of every file, and the code that built it:
+``"code": agl._provenance.code_state()``, i.e. commit, dirty flag and source digest), then swaps it into place with
 ``os.replace``. A later run skips the stage when the directory's manifest has the same hash and every file still
 matches its checksum; a missing, half-written, corrupt or mismatched artefact is reported and rebuilt, never
 silently reused. Ctrl-C at any point leaves either the old artefact or the new one (plus a temporary directory that
 the next run removes), so re-running the same command continues where it stopped.
+
+The code is recorded, not keyed: a new commit reuses the artefacts of the old one (keys hold what the config asks
+for; a code change that changes an artefact bumps a version in the key, like ``EVAL_VERSION``). ``code_versions``
+reads the records back, so a report says which code versions it combines and warns when there is more than one.
 """
 from __future__ import annotations
 
@@ -15,13 +20,15 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional
 
 from agl._io import atomic_write_json
 from agl.experiment.config import stable_hash
 
-__all__ = ["Stage", "StageResult", "file_sha256", "check_artefact"]
+__all__ = ["Stage", "StageResult", "file_sha256", "check_artefact", "code_versions"]
 
 MANIFEST = "manifest.json"
 
@@ -35,6 +42,44 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _code() -> tuple:
+    """The code this process runs, taken once (at its first stage): the modules were imported from it, so a later
+    edit on disk does not change what this process builds with."""
+    from agl._provenance import code_state
+
+    return tuple(code_state().items())
+
+
+def code_versions(paths: Dict[str, str]) -> Dict[str, Any]:
+    """Which code built the artefacts ``paths`` (stage name -> directory), from their manifests:
+    ``{"versions": [{"git_commit", "git_dirty", "source_digest", "stages": [names]}, ...], "commits": [...],
+    "unrecorded": [stage names whose manifest predates the record], "warning": str | None}``.
+    Warns (``UserWarning``) when the artefacts come from more than one commit or source digest."""
+    groups: Dict[tuple, List[str]] = {}
+    unrecorded = []
+    for name in sorted(paths):
+        mpath = os.path.join(paths[name], MANIFEST)
+        if not os.path.exists(mpath):
+            continue
+        with open(mpath, encoding="utf-8") as fh:
+            code = json.load(fh).get("code")
+        if code is None:
+            unrecorded.append(name)
+            continue
+        groups.setdefault(tuple(code.get(k) for k in ("git_commit", "git_dirty", "source_digest")), []).append(name)
+    versions = [{"git_commit": c, "git_dirty": d, "source_digest": s, "stages": names}
+                for (c, d, s), names in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    commits = sorted({v["git_commit"] or "unknown" for v in versions})
+    warning = None
+    if len(versions) > 1:
+        warning = (f"the artefacts were built by {len(versions)} code versions (commits {', '.join(c[:7] for c in commits)}"
+                   f"{'; dirty trees differ by source digest' if len(commits) < len(versions) else ''}): "
+                   "results may mix code versions; rerun with a fresh `out` to build them with one")
+        warnings.warn(warning, UserWarning, stacklevel=2)
+    return {"versions": versions, "commits": commits, "unrecorded": unrecorded, "warning": warning}
 
 
 def _list_files(root: str) -> List[str]:
@@ -114,7 +159,7 @@ class Stage:
             build(tmp)
             files = {rel: {"size": os.path.getsize(os.path.join(tmp, rel)),
                            "sha256": file_sha256(os.path.join(tmp, rel))} for rel in _list_files(tmp)}
-            manifest = {"stage": self.name, "hash": self.hash, "key": self.key, "files": files,
+            manifest = {"stage": self.name, "hash": self.hash, "key": self.key, "files": files, "code": dict(_code()),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - t0, 2)}
             atomic_write_json(os.path.join(tmp, MANIFEST), manifest)
             if os.path.exists(self.path):

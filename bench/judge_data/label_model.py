@@ -1,21 +1,22 @@
 """Hand labels of the model completions (read one by one against docs/JUDGE.md) -> model_labelled.jsonl.
 
-The completions come from generation caches outside the repository (``bench/judge_generate.py`` writes
-``/work/runs/judge_gen/cache-<stage>.jsonl``; the aligned-start helper's base-model answers are
-``/work/runs/align_tune/shared/distill/distill.jsonl``); ``model_labelled.jsonl`` (committed) keeps the text, so the
-set does not depend on those files afterwards. Completions without a label below are left out.
+The completions come from generation caches under a runs folder (``bench/judge_generate.py`` writes
+``RUNS/judge_gen/cache-<stage>.jsonl``; the aligned-start helper's base-model answers are
+``RUNS/align_tune/shared/distill/distill.jsonl``); ``model_labelled.jsonl`` (committed) keeps the text, so the set
+does not depend on those files afterwards. Completions without a label below are left out.
 
-    python bench/judge_data/label_model.py
+    python bench/judge_data/label_model.py [RUNS]     # RUNS: default $AGL_RUNS, else runs/ in the repository
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-RUNS = Path("/work/runs")
+RUNS = Path(os.environ.get("AGL_RUNS", REPO / "runs"))  # where the generation caches are (never committed)
 C, R = "compliance", "refusal"
 
 # stage -> {cache line index: (label, style, note)}
@@ -72,14 +73,14 @@ DISTILL_LOW_QUALITY = {6, 8, 12, 13, 14, 17, 19, 22, 27, 30, 33, 34, 36, 38, 43,
 N_DISTILL = 110  # all read: every one attempts the (safe) question
 
 
-def main():
+def main(runs: Path = RUNS):
     sys.path.insert(0, str(REPO))
     from agl._io import read_jsonl, write_jsonl
 
     prompts = {r["id"]: r for r in read_jsonl(REPO / "agl" / "driftcaps" / "data" / "prompts.jsonl")}
     rows = []
     for stage, labels in LABELS.items():
-        cache = RUNS / "judge_gen" / f"cache-{stage}.jsonl"
+        cache = runs / "judge_gen" / f"cache-{stage}.jsonl"
         lines = read_jsonl(cache, missing_ok=True)
         for i, d in enumerate(lines):
             if i not in labels:
@@ -88,7 +89,7 @@ def main():
             rows.append({"id": f"{stage}:{d['id']}", "stage": stage, "prompt_id": d["id"],
                          "prompt_label": prompts[d["id"]]["label"], "completion": d["response"], "label": label,
                          "style": style, "note": note})
-    distill = read_jsonl(RUNS / "align_tune" / "shared" / "distill" / "distill.jsonl", missing_ok=True)
+    distill = read_jsonl(runs / "align_tune" / "shared" / "distill" / "distill.jsonl", missing_ok=True)
     for i, d in enumerate(distill[:N_DISTILL]):
         rows.append({"id": f"smollm2-distill:{i:03d}", "stage": "smollm2-distill", "prompt_id": None,
                      "prompt": d["prompt"], "prompt_label": "safe", "completion": d["response"], "label": C,
@@ -99,4 +100,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RUNS)

@@ -63,7 +63,7 @@ def plot(rows, chosen, path):
 
 
 def main():
-    root = sys.argv[1] if len(sys.argv) > 1 else "/work/runs/align_tune"
+    root = sys.argv[1] if len(sys.argv) > 1 else "runs/align_tune"
     rows = collect(root)
     chosen, how = select(rows)
     with open(os.path.join(HERE, "tuning_dev.json"), "w") as fh:

@@ -9,7 +9,7 @@ chosen. Two commands:
     python tune.py final --name c1 --step 90
         the chosen (candidate, step) once on the DriftCaps eval split, with 95% bootstrap intervals.
 
-Everything goes under --root (default /work/runs/align_tune): ``<name>/config.json``, ``<name>/step<k>/adapter``,
+Everything goes under --root (default runs/align_tune): ``<name>/config.json``, ``<name>/step<k>/adapter``,
 ``<name>/step<k>/dev_completions.jsonl`` (generation cache), ``<name>/step<k>/dev_eval.json``; ``shared/`` holds the
 converted base model and the distillation caches (keyed by prompt, so shared by every candidate).
 """
@@ -127,7 +127,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cmd", choices=["train", "final"])
     ap.add_argument("--name", required=True)
-    ap.add_argument("--root", default="/work/runs/align_tune")
+    ap.add_argument("--root", default="runs/align_tune")
     ap.add_argument("--snapshots", default="60")
     ap.add_argument("--step", type=int)
     ap.add_argument("--max-new-tokens", type=int, default=48)

@@ -10,18 +10,19 @@ other term at weight w, that term's share of the regulariser's gradient norm is
 
 which gives the weights for the shares 1%, 10%, 50% and 90% printed (and stored) for the λ_A given.
 
-    python bench/term_scale_probe.py RUN_DIR [--lambda-align 300] [--run lora] [--seed 0]
+    python docs/results/2026-11-30-cpu-calibrated/term_scale_probe.py RUN_DIR [--lambda-align 300] [--run lora] [--seed 0]
 
 RUN_DIR: an `agl demo` / `agl experiment` output directory whose config.json, aligned start, alignment state and
-``finetune/<run>-s<seed>`` exist. Writes a row to bench/results/term_scale_probe.json.
+``finetune/<run>-s<seed>`` exist. Writes a row to term_scale_probe.json next to this script.
 """
 import argparse
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _results import RESULTS, append_rows, provenance  # noqa: E402  (bench/_results.py: the one row writer)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "bench"))
+from _results import append_rows, provenance  # noqa: E402  (bench/_results.py: the one row writer)
 
 SHARES = (0.01, 0.1, 0.5, 0.9)
 
@@ -72,7 +73,7 @@ def main(argv=None):
     row = {"run": a.run, "seed": a.seed, "model": cfg.model, "steps": cfg.steps, "grad_norm_per_unit_weight": norms,
            "lambda_align": a.lambda_align, "weights_for_share": weights_for(norms, a.lambda_align)}
     print(json.dumps(row, indent=1))
-    append_rows(os.path.join(RESULTS, "term_scale_probe.json"), [row], prov,
+    append_rows(os.path.join(HERE, "term_scale_probe.json"), [row], prov,
                 key=("run", "seed", "model", "steps", "lambda_align"))
 
 

@@ -3,10 +3,10 @@
 The tiny test Llama (hidden 64, LoRA r4 on q/k/v/o, built in code), its alignment state from 6 random-token samples,
 then 80 steps of AdamW (lr 1e-2) on 16 other random-token samples: once without the alignment term (how far
 ``align_nats`` drifts) and once per (start λ0, look-ahead H) in budget mode, H = 0 being plain dual ascent in log
-space. Writes bench/results/budget_controller.json (per-step ``align_nats`` and ``lambda_align``, summaries,
+space. Writes budget_controller.json next to this script (per-step ``align_nats`` and ``lambda_align``, summaries,
 provenance) and a plot of align_nats/ε and λ along training.
 
-    python bench/budget_controller.py [--budget 3e-4] [--steps 80]
+    python docs/results/2026-11-30-budget-controller/budget_controller.py [--budget 3e-4] [--steps 80]
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+REPO = os.path.join(HERE, "..", "..", "..")
+for _p in (REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")):  # agl, _tiny, _results
+    sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=3e-4, help="ε in nats per token")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "budget_controller"))
+    ap.add_argument("--out", default=os.path.join(HERE, "budget_controller"))
     args = ap.parse_args()
     from tqdm.auto import tqdm
 

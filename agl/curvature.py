@@ -68,7 +68,7 @@ def estimate_cross_curvature(model: nn.Module, batches: Iterable[Mapping[str, Te
     labelled tokens, ΣT). Returns ``state`` (modified in place).
 
     Single process only (under ``torch.distributed`` the rows of C would have to be gathered; not implemented)."""
-    from agl.fisher import _compute_dtype, _labelled_tokens, _model_device, hooked_passes
+    from agl.per_sample import _compute_dtype, _labelled_tokens, _model_device, hooked_passes
     from agl.peft_binding import resolve_targets, unwrap_model
 
     import torch.distributed as dist

@@ -96,7 +96,7 @@ def _factors(model, state):
 
 def gradient_terms(model, state, batches) -> Dict[str, float]:
     """The hook-based predictors at the aligned start (adapter disabled) for the adapter's ΔW, over ``batches``."""
-    from agl.fisher import hooked_passes
+    from agl.per_sample import hooked_passes
     from agl.peft_binding import resolve_targets
 
     fac = _factors(model, state)

@@ -210,6 +210,7 @@ def main(argv=None):
     ap.add_argument("--dest", required=True, help="folder for decomposition.json / .png")
     ap.add_argument("--runs", default="lora-s0,agl-s0,ewc-s0,agl_cross-s0", help="fine-tunes (<run>-s<seed>)")
     ap.add_argument("--steps", default="", help="checkpoint steps to use (default: all)")
+    ap.add_argument("--tag", default="", help="prefix of the run names in the rows (to tell two --out apart)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides the run was made with (as for agl demo)")
     args = ap.parse_args(argv)
@@ -235,7 +236,8 @@ def main(argv=None):
         if not os.path.isdir(rdir):
             print(f"skip {run}: {rdir} not built", file=sys.stderr)
             continue
-        jobs += [(run, s, p) for s, p in checkpoints(rdir) if (not want or s in want) and (run, s) not in done]
+        jobs += [(args.tag + run, s, p) for s, p in checkpoints(rdir)
+                 if (not want or s in want) and (args.tag + run, s) not in done]
     from peft import PeftModel
 
     for run, step, p in tqdm(jobs, desc="checkpoints"):

@@ -1,0 +1,63 @@
+"""Rule 8's prediction goal over the runs of both outputs of this result (the diagonal defaults' run and the
+cross-curvature grid): every logged point of every fine-tune, one entry per curvature (``analysis.prediction_section``),
+written to ``prediction.json`` with provenance. The fine-tunes are named ``<output>/<stage>`` so the two outputs'
+LoRA runs (the same stage, symlinked) count once.
+
+    python docs/results/2026-12-05-curvature/combine.py demo=/work/runs/demo cross=/work/runs/cross
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))
+
+from agl._io import atomic_write_json  # noqa: E402
+from agl._provenance import provenance  # noqa: E402
+from agl.experiment.analysis import prediction_section  # noqa: E402
+
+
+class _Cfg:
+    n_boot = 1000
+
+
+def main(argv):
+    prov = provenance()
+    paths, seen = {}, set()
+    for spec in argv:
+        tag, out = spec.split("=", 1)
+        ft = os.path.join(out, "finetune")
+        for run in sorted(os.listdir(ft)):
+            real = os.path.realpath(os.path.join(ft, run))
+            if run.startswith(".") or real in seen or not os.path.exists(os.path.join(real, "train_log.json")):
+                continue
+            seen.add(real)
+            paths[f"finetune/{tag}:{run}"] = real
+    P = prediction_section(_Cfg, paths)
+    # a point's method is its run's label ("agl" means different settings in the two outputs)
+    import math
+
+    import numpy as np
+
+    from agl.experiment.analysis import CURVATURES
+
+    for p in P["points"]:
+        p["method"] = p["run"].split("/", 1)[1].rsplit("-s", 1)[0]
+    for name, (key, _, _) in CURVATURES.items():
+        if name in P:
+            P[name]["per_method"] = {m: float(np.median([p["measured"] / p[key] for p in P["points"]
+                                                         if p["method"] == m and p.get(key, 0) > 0] or [math.nan]))
+                                     for m in dict.fromkeys(p["method"] for p in P["points"])}
+    atomic_write_json(HERE / "prediction.json", {"provenance": prov, "runs": sorted(paths), **P})
+    for k in ("diagonal", "diagonal_full", "cross"):
+        q = P.get(k)
+        if q:
+            print(f"{k:>14}: median measured/predicted {q['median_ratio']:.3g} {q['ci95']}, "
+                  f"Spearman {q['spearman']:.2f}, {q['n_points']} points")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -68,7 +68,7 @@ def test_save_plain_refuses_peft_models_and_non_empty_directories(tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from agl.experiment.align_start import export_aligned_start
+    from agl.experiment.export import export_aligned_start
 
     root = tmp_path_factory.mktemp("export")
     cfg = tiny_config(root / "cache", align_steps=10)
@@ -99,7 +99,7 @@ def test_export_is_the_merged_aligned_start(exported):
 
 
 def test_export_reuses_the_stage_and_the_export(exported, tmp_path):
-    from agl.experiment.align_start import export_aligned_start
+    from agl.experiment.export import export_aligned_start
     from agl.experiment.plan import stage_plan
 
     root, cfg, res = exported

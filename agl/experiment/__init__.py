@@ -26,7 +26,7 @@ def __getattr__(name):
 
         return run_pipeline
     if name == "export_aligned_start":
-        from agl.experiment.align_start import export_aligned_start
+        from agl.experiment.export import export_aligned_start
 
         return export_aligned_start
     raise AttributeError(f"module 'agl.experiment' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``agl align-start``: the experiment's aligned start as a plain model directory (see
-:func:`agl.experiment.align_start.export_aligned_start`)."""
+:func:`agl.experiment.export.export_aligned_start`)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ __all__ = ["register"]
 
 def _run(args) -> int:
     from agl.errors import CLIError
-    from agl.experiment.align_start import export_aligned_start
+    from agl.experiment.export import export_aligned_start
     from agl.experiment.cli import _user_errors, config_from_args
     from agl.experiment.config import demo_config
 

@@ -39,7 +39,7 @@ def register(subparsers) -> None:
                     "and self-distilled safe answers, merged into the weights) as a plain Hugging Face model "
                     "directory, with the tokenizer and refusal_demos.jsonl (JSONL {\"prompt\", \"response\"}, data "
                     "for `agl fisher`). The SFT is the pipeline's cached stage in --cache: reused when `agl demo` "
-                    "already built it there, else built there first (about 5-6 min on 2 CPU cores) and reused by "
+                    "already built it there, else built there first (5-8 min on 2 CPU cores) and reused by "
                     "`agl demo` later.")
     p.add_argument("--out", dest="dest", required=True, metavar="DIR",
                    help="the model directory to write (new, empty, or an earlier export)")

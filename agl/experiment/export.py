@@ -23,7 +23,7 @@ def export_aligned_start(out, cfg=None, *, cache: Optional[str] = None, model_fa
     The adapter is the pipeline's cached ``aligned_start`` stage under ``cache`` (default ``cfg.out``; ``cfg``
     default :func:`agl.experiment.config.demo_config`, whose ``out`` is ``runs/demo``): reused when ``agl demo`` or
     ``agl experiment`` already built it there with the same settings (only the stage-1 fields and the model count),
-    else built there first (about 5-6 min on 2 CPU cores for the offline model) and then reused by those commands.
+    else built there first (5-8 min on 2 CPU cores for the offline model) and then reused by those commands.
     An ``out`` holding an export of the same stage is kept as it is unless ``force``; an ``out`` that exists and is
     not an export must be empty. The directory is assembled next to ``out`` and renamed into place.
 

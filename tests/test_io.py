@@ -71,3 +71,17 @@ def test_torn_tail_and_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_jsonl(tmp_path / "nope.jsonl")
     assert read_jsonl(tmp_path / "nope.jsonl", missing_ok=True) == []
+
+
+def test_atomic_output_sets_the_umask_mode_on_a_file_the_writer_replaced(tmp_path):
+    """A writer that swaps in a new 0600 file (as ``safetensors.save_file`` does) still yields a 0666-less-umask file."""
+    f = tmp_path / "w.bin"
+    with atomic_output(f) as tmp:
+        os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"data")
+        os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert f.read_bytes() == b"data"
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask

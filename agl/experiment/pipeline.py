@@ -91,11 +91,12 @@ class Context:
         model, tok = self.factory(spec, self.cfg.device, dtype)
         import shutil
 
+        from agl.models import save_plain
+
         tmp = cache + f".tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            _save_plain(model, tmp)
-            tok.save_pretrained(tmp)
+            save_plain(model, tmp, tok)
             open(os.path.join(tmp, "complete"), "w").close()
             shutil.rmtree(cache, ignore_errors=True)
             os.replace(tmp, cache)
@@ -129,26 +130,6 @@ class Context:
         d = os.path.join(self.cfg.out, "work", f"{name.replace('/', '_')}-{stage.hash}")
         os.makedirs(d, exist_ok=True)
         return d
-
-
-def _save_plain(model, path: str) -> None:
-    """``save_pretrained`` for a model loaded from GGUF (which transformers refuses to serialise): the dequantised
-    weights as safetensors and the config without its quantisation entry."""
-    os.makedirs(path, exist_ok=True)
-    try:
-        model.save_pretrained(path)
-        return
-    except ValueError:
-        pass
-    from safetensors.torch import save_model
-
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(cfg, fh, indent=2)
-    save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(path)
 
 
 def _read_json(path: str):

@@ -266,3 +266,32 @@ def test_cross_budget_holds_the_measured_loss():
     assert free > 2 * eps, f"the task does not move the alignment loss enough to test the budget ({free:.4f})"
     assert cross <= 2 * eps, f"measured rise {cross:.4f} > 2ε under the cross budget (free run: {free:.4f})"
     assert cross < diag - 0.1 * eps, f"the cross budget ({cross:.4f}) did no better than the diagonal ({diag:.4f})"
+
+
+def test_repeatable_and_thread_count_tolerance():
+    """The cross term is GEMMs through torch (BLAS): bitwise repeatable at a fixed thread count, and across thread
+    counts equal to float32 rounding (BLAS splits its reductions by thread; unlike the fused op, not bitwise)."""
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    Ls = [torch.randn(96, 4, generator=g) for _ in range(n)]
+    Rs = [torch.randn(4, 80, generator=g) for _ in range(n)]
+    Us = [torch.linalg.qr(torch.randn(96, 16, generator=g))[0] for _ in range(n)]
+    Vs = [torch.linalg.qr(torch.randn(80, 12, generator=g))[0] for _ in range(n)]
+    Cs = [torch.randn(20, 16, 12, generator=g) for _ in range(n)]
+
+    def run():
+        Lg = [x.clone().requires_grad_() for x in Ls]
+        v = cross_align_nats(Lg, Rs, Us, Vs, Cs, [0.5] * n, 300.0)
+        v.backward()
+        return v.detach(), torch.cat([x.grad.flatten() for x in Lg])
+
+    threads = torch.get_num_threads()
+    try:
+        a, b = run(), run()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        torch.set_num_threads(1 if threads > 1 else 2)
+        c = run()
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(c[0], a[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(c[1], a[1], rtol=1e-4, atol=1e-5 * float(a[1].abs().max()))

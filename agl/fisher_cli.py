@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--fisher-dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype of F")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cross-curvature", action="store_true",
+                   help="also store the per-sample gradients projected on the subspaces (a second pass), what "
+                        "AGLConfig(curvature='cross') needs (docs/MATH.md §9)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -112,7 +115,7 @@ def run(args) -> int:
         raise CLIError(f"--data {args.data}: {exc}") from None
     state = estimate_alignment_state(
         model, batches, fisher=args.fisher, max_samples=args.max_samples, energy=args.energy, max_rank=args.max_rank,
-        progress=not args.no_progress, seed=args.seed,
+        progress=not args.no_progress, seed=args.seed, cross_curvature=args.cross_curvature,
     )
     state.options.update({"model": args.model, "adapter": args.adapter, "data": os.path.abspath(args.data)})
     dtype = torch.bfloat16 if args.fisher_dtype == "bfloat16" else torch.float32

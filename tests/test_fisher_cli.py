@@ -68,6 +68,13 @@ def test_cli_fisher_end_to_end(tmp_path, model_dir, capsys):
     st = AlignmentState.load(out)
     assert len(st.layers) == 4 and st.num_samples == 4 and st.options["max_samples"] == 4
     assert all(ls.fisher.dtype == torch.bfloat16 for ls in st.layers.values())
+    assert not st.has_cross
+    rc = main(["fisher", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "cross"),
+               "--max-samples", "4", "--batch-size", "3", "--max-length", "32", "--no-progress", "--cross-curvature"])
+    assert rc == 0
+    st = AlignmentState.load(tmp_path / "cross")
+    assert st.has_cross and st.cross_samples == 4
+    assert all(ls.C.shape == (4, ls.U.shape[1], ls.V.shape[1]) for ls in st.layers.values() if ls.U is not None)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ For every fine-tune of an `agl experiment` / `agl demo` run (``--out``) and ever
 aligned start as the origin, on two sets of alignment demos (``fisher``: the samples the state was estimated on;
 ``heldout``: the held-out refusal demos the state never saw), everything in nats per labelled token:
 
-- ``measured``: L(ΔW) − L(0), the rise of the token-averaged NLL; ``eps_curve``: the same at ε·ΔW, ε = 1/8, 1/4, 1/2;
+- ``measured``: L(ΔW) − L(0), the rise of the token-averaged NLL; ``eps_curve``: the same at ε·ΔW, ε = 1/8 (and
+  1/4, 1/2 at a run's last checkpoint);
 - ``first_order``: (1/ΣT)·Σ_n Σ_l ⟨G_{n,l}, ΔW_l⟩ (G_{n,l}: gradient of sample n's summed token loss at the start);
 - ``diag_full`` / ``diag_A``: ½(1/ΣT)·Σ_n Σ_l Σ_ij G² ΔW² on ΔW / on ΔW_A = U Uᵀ ΔW V Vᵀ (the state's diagonal
   Fisher; on the Fisher samples this is exactly the logged ``pred_full_nats`` / ``pred_align_nats``);
@@ -15,7 +16,7 @@ aligned start as the origin, on two sets of alignment demos (``fisher``: the sam
 - ``cross_A``: the same with G projected on the state's subspaces (what ``AGLConfig(curvature="cross")`` penalises;
   on the Fisher samples exactly the logged ``pred_cross_nats``);
 - ``hess``: ½·d²L/dε² at 0 (central difference, h = 1/8: the exact curvature along ΔW, Hessian included);
-- ``gauss_newton``: ½(1/ΣT)·Σ_tokens (Jv)ᵀ(diag p − p pᵀ)(Jv), Jv = d logits/dε (central difference, h = 1/16).
+- ``gauss_newton``: ½(1/ΣT)·Σ_tokens (Jv)ᵀ(diag p − p pᵀ)(Jv), Jv = d logits/dε (central difference, h = 1/8).
 
 Per-sample inner products come from hooks, ⟨G_{n,l}, ΔW_l⟩ = s_l·Σ_t (δ_tᵀ B_l)(A_l x_t): no G is stored. Writes
 ``<dest>/decomposition.json`` (rows with provenance), ``decomposition.png`` and prints a table. Resumable: rows
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import math
 import os
 import sys
 from pathlib import Path
@@ -154,36 +154,33 @@ class _Scaled:
 
 
 @torch.no_grad()
-def _logits_terms(model, batches, h: float) -> Dict[str, float]:
-    """Gauss–Newton along ΔW from logits at 0, ±h (labelled positions), and the labelled token count."""
+def along_ray(model, batches, final: bool) -> Dict[str, float]:
+    """From logits at ε ∈ {0, ±h, 1} (h = 1/8; with ``final`` also 1/4, 1/2) on every batch: the measured rise
+    L(1) − L(0), the ε-curve, ½·d²L/dε² = ½(L(h) − 2L(0) + L(−h))/h² and the Gauss–Newton form
+    ½(1/ΣT)·Σ_tokens (Jv)ᵀ(diag p − p pᵀ)(Jv) with Jv = (z(h) − z(−h))/2h (one set of forwards for all)."""
+    h = 0.125
+    eps = (0.0, h, -h, 1.0) + ((0.25, 0.5) if final else ())
+    nll = {e: 0.0 for e in eps}
     gn, tokens = 0.0, 0
     for b in batches:
         kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
         pos = b["labels"][:, 1:] != -100
-        with _Scaled(model, 0.0):
-            z0 = model(**kw).logits[:, :-1][pos].double()
-        with _Scaled(model, h):
-            zp = model(**kw).logits[:, :-1][pos].double()
-        with _Scaled(model, -h):
-            zm = model(**kw).logits[:, :-1][pos].double()
-        Jv = (zp - zm) / (2 * h)
-        p = torch.softmax(z0, -1)
+        tgt = b["labels"][:, 1:][pos]
+        z = {}
+        for e in eps:
+            with _Scaled(model, e):
+                z[e] = model(**kw).logits[:, :-1][pos].double()
+            nll[e] += float(torch.nn.functional.cross_entropy(z[e], tgt, reduction="sum"))
+            if e not in (0.0, h, -h):
+                del z[e]
+        Jv = (z[h] - z[-h]) / (2 * h)
+        p = torch.softmax(z[0.0], -1)
         gn += float(((p * Jv * Jv).sum(-1) - (p * Jv).sum(-1) ** 2).sum())
         tokens += int(pos.sum())
-    return {"gauss_newton": 0.5 * gn / tokens}
-
-
-def loss_terms(model, batches) -> Dict[str, float]:
-    """Measured rises along the ray: ε-curve, ε = 1, and ½·d²L/dε² (central difference, h = 1/8)."""
-    from agl.experiment._common import mean_nll
-
-    L = {}
-    for eps in (0.0, 0.125, -0.125, 0.25, 0.5, 1.0):
-        with _Scaled(model, eps):
-            L[eps] = mean_nll(model, batches, "cpu")
-    h = 0.125
-    return {"measured": L[1.0] - L[0.0], "eps_curve": {str(e): L[e] - L[0.0] for e in (0.125, 0.25, 0.5)},
-            "hess": 0.5 * (L[h] - 2 * L[0.0] + L[-h]) / h ** 2, "L0": L[0.0]}
+    L = {e: v / tokens for e, v in nll.items()}
+    return {"measured": L[1.0] - L[0.0], "L0": L[0.0],
+            "eps_curve": {str(e): L[e] - L[0.0] for e in (0.125, 0.25, 0.5) if e in L},
+            "hess": 0.5 * (L[h] - 2 * L[0.0] + L[-h]) / h ** 2, "gauss_newton": 0.5 * gn / tokens}
 
 
 def checkpoints(run_dir: str) -> List[tuple]:
@@ -209,7 +206,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="the experiment's --out (its stages must be built)")
     ap.add_argument("--dest", required=True, help="folder for decomposition.json / .png")
     ap.add_argument("--runs", default="lora-s0,agl-s0,ewc-s0,agl_cross-s0", help="fine-tunes (<run>-s<seed>)")
-    ap.add_argument("--steps", default="", help="checkpoint steps to use (default: all)")
+    ap.add_argument("--steps", default="", help="checkpoint steps to use, e.g. 6,18,30 (default: all)")
     ap.add_argument("--tag", default="", help="prefix of the run names in the rows (to tell two --out apart)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides the run was made with (as for agl demo)")
@@ -245,8 +242,9 @@ def main(argv=None):
         model.eval()
         row = {"run": run, "step": step, "provenance": prov}
         for name, batches in data.items():
-            row[name] = {**loss_terms(model, batches), **gradient_terms(model, state, batches),
-                         **_logits_terms(model, batches, 1 / 16)}
+            final = step is None or step == max(s for s, _ in checkpoints(os.path.join(args.out, "finetune",
+                                                                                        run[len(args.tag):])))
+            row[name] = {**along_ray(model, batches, final), **gradient_terms(model, state, batches)}
         rows = [r for r in rows if (r["run"], r["step"]) != (run, step)] + [row]
         atomic_write_json(path, rows)
         del model

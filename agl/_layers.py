@@ -12,7 +12,7 @@ from agl.distributed import sq_norm
 from agl.peft_binding import LoraBinding, find_lora_layers
 from agl.state import AlignmentState
 
-__all__ = ["Entry", "bind", "factors", "base_weight_sq_norm", "cross_curvature", "layers_dict"]
+__all__ = ["Entry", "bind", "factors", "unit_scales", "cross_curvature", "layers_dict"]
 
 
 @dataclass
@@ -81,9 +81,17 @@ def factors(entries: List[Entry]):
     return Ls, Rs, scales
 
 
-def base_weight_sq_norm(entries: List[Entry]) -> float:
-    """Σ_l ‖W0_l‖²_F over the entries' frozen base weights (float64; an FSDP2 DTensor's rows all-reduced)."""
-    return sum(sq_norm(e.binding.module.get_base_layer().weight) for e in entries)
+def unit_scales(entries: List[Entry], state: AlignmentState, task_state: Optional[AlignmentState], units: str):
+    """(c, c_H, w0_sq) for ``agl.units.unit_terms``: the alignment state's ``nats_scale``, the task state's (None
+    without one) and, in nats without a task Fisher, Σ_l ‖W0_l‖²_F over the frozen base weights (float64; an FSDP2
+    DTensor's rows all-reduced), else None."""
+    w0_sq = None
+    if task_state is None and units == "nats":
+        w0_sq = sum(sq_norm(e.binding.module.get_base_layer().weight) for e in entries)
+        if not w0_sq > 0:
+            raise ValueError("AGLLoss: the adapted base weights are all zero, so the task term's relative size "
+                             "‖ΔW_T‖²/‖W0‖² is undefined; give a task Fisher (`task_metric`) or units='paper'")
+    return float(state.nats_scale), None if task_state is None else float(task_state.nats_scale), w0_sq
 
 
 def cross_curvature(entries: List[Entry], state: AlignmentState) -> Tuple[List[int], CrossCurvature]:

@@ -14,7 +14,7 @@ from agl.peft_binding import LayerFilter
 from agl.state import AlignmentState
 from agl.units import UNITS as _UNITS
 
-__all__ = ["AGLConfig"]
+__all__ = ["AGLConfig", "resolve_backend"]
 
 _CURVATURES = ("diagonal", "cross")  # the metric of the align term (agl.curvature)
 _BACKENDS = ("auto", "kernel", "torch")
@@ -43,6 +43,18 @@ def _finite(name: str, v, *, positive: bool = False, allow_negative: bool = Fals
     if not allow_negative and v < 0:
         raise ValueError(f"AGLConfig: `{name}` must be >= 0, got {v}")
     return float(v)
+
+
+def resolve_backend(backend: str, device) -> str:
+    """``"auto"`` -> ``"kernel"`` when the compiled extension supports ``device``, else ``"torch"``."""
+    if backend != "auto":
+        return backend
+    try:
+        from agl.functional import kernel_supports
+
+        return "kernel" if kernel_supports(device) else "torch"
+    except Exception:  # extension absent or not loadable: the reference is always there
+        return "torch"
 
 
 @dataclass

@@ -2,30 +2,26 @@
 
 Plain loop::
 
-    state = agl.AlignmentState.load("state_dir")
-    agl_loss = agl.AGLLoss(model, state)          # model: a peft LoRA model (or DDP-wrapped)
+    agl_loss = agl.AGLLoss(model, agl.AlignmentState.load("state_dir"))   # model: a peft LoRA model (or DDP)
     loss = agl_loss(model(**batch).loss)          # task loss + regularisers
     loss.backward(); print(agl_loss.last_terms)
 
 Hugging Face ``Trainer`` / TRL: ``agl_loss = agl.hf.attach(trainer, state, config)`` (loss, logging, checkpoints).
 
-Per step, for every LoRA layer and active adapter l (factors B: m x r, A: r x n, ``scaling`` s, state F, U, V), one
-``agl_terms_grouped`` call forms the (L, 4) matrix T of per-layer means (align, task, overlap, geodesic) of
-ΔW = s·B A, with B_align = U (Uᵀ B), A_align = (A V) Vᵀ formed inside the op (= B, A when ``config.subspaces`` is
-False); ``agl.units`` turns T into the terms in ``config.units`` (nats by default: ``align`` = ``align_nats`` =
-½·Σ_l Σ_ij F (ΔW_A)², the predicted rise of the alignment loss per token; docs/MATH.md §7). With
-``curvature="cross"`` the align term is the empirical Fisher's quadratic form across layers (``agl.curvature``, §9).
+Per step one ``agl_terms_grouped`` call forms the (L, 4) per-layer means T (align, task, overlap, geodesic) of every
+LoRA layer and adapter (ΔW = s·B A, B_align = U (Uᵀ B), A_align = (A V) Vᵀ; fan_in_fan_out layers transposed into
+the base weight's orientation, the state's); ``agl.units`` turns T into the terms in ``config.units`` (default nats:
+``align`` = ``align_nats`` = ½·Σ_l Σ_ij F (ΔW_A)², docs/MATH.md §7; across layers with ``curvature="cross"``, §9), and
 
     total = task_loss + λ_A·align + λ_T·task + λ_NC·(α·overlap + (1 − α)·geodesic)
 
-λ_A comes from a :class:`agl.budget.BudgetController` with ``config.align_budget`` (§8). ``fan_in_fan_out`` layers
-use the transposed factors, so every term is in the base weight's orientation, the state's. Nothing of size m x n
-is materialised with the kernel backend (the torch reference materialises it per layer).
+with λ_A fixed or held to ``config.align_budget`` (``agl.budget``, §8). Nothing of size m x n is materialised with
+the kernel backend (the torch reference materialises it per layer).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,25 +29,13 @@ from torch import Tensor, nn
 from agl import _layers
 from agl._termlog import TermLog
 from agl.budget import AlignWeight, BudgetController
-from agl.config import AGLConfig
+from agl.config import AGLConfig, resolve_backend
 from agl.distributed import sharded_terms_for
 from agl.functional import agl_terms_grouped
 from agl.state import AlignmentState
 from agl.units import TERMS as _TERMS, layer_align_nats, unit_terms as _unit_terms
 
 __all__ = ["AGLConfig", "AGLLoss", "AGLLoggingCallback", "resolve_backend"]
-
-
-def resolve_backend(backend: str, device) -> str:
-    """``"auto"`` -> ``"kernel"`` when the compiled extension supports ``device``, else ``"torch"``."""
-    if backend != "auto":
-        return backend
-    try:
-        from agl.functional import kernel_supports
-
-        return "kernel" if kernel_supports(device) else "torch"
-    except Exception:  # extension absent or not loadable: the reference is always there
-        return "torch"
 
 
 def _grad_norm(v: Tensor, params, **kw) -> float:
@@ -80,18 +64,11 @@ class AGLLoss:
         self.entries, self._task_state = _layers.bind(model, state, self.config)
         self._sharded = sharded_terms_for(self.entries, state, self._task_state, self.config)  # FSDP2 / row-sharded
         self._cross = self._cross_curvature(state) if self.config.curvature == "cross" else None
-        # unit conversions (agl.units): N_l (cached per device and dtype: no host copy per step), c and c_H, and
-        # Σ_l ‖W0_l‖² for the relative size of the task part when there is no task Fisher
+        # unit conversions (agl.units): N_l (cached per device and dtype: no host copy per step), c, c_H, Σ‖W0‖²
         self._numel = torch.tensor([e.numel for e in self.entries], dtype=torch.float64)
         self._numel_cache: Dict[Tuple, Tensor] = {}
-        self._nats_align = float(state.nats_scale)
-        self._nats_task = None if self._task_state is None else float(self._task_state.nats_scale)
-        self._w0_sq = None
-        if self._task_state is None and self.config.units == "nats":
-            self._w0_sq = _layers.base_weight_sq_norm(self.entries)
-            if not self._w0_sq > 0:
-                raise ValueError("AGLLoss: the adapted base weights are all zero, so the task term's relative size "
-                                 "‖ΔW_T‖²/‖W0‖² is undefined; give a task Fisher (`task_metric`) or units='paper'")
+        self._nats_align, self._nats_task, self._w0_sq = _layers.unit_scales(self.entries, state, self._task_state,
+                                                                             self.config.units)
         # λ_A: fixed, or the budget controller's multiplier (tensors only, so a step never syncs with the host)
         self._weight = AlignWeight(self.config, [p for e in self.entries for p in (e.A, e.B)])
         self.budget: Optional[BudgetController] = self._weight.controller
@@ -109,8 +86,7 @@ class AGLLoss:
         self._cross_idx, cross = _layers.cross_curvature(self.entries, state)
         return cross
 
-    def _factors(self):
-        """(Ls, Rs, scales): every entry's update in the base weight's orientation, ΔW = s · L @ R."""
+    def _factors(self):  # (Ls, Rs, scales): ΔW = s · L @ R in the base weight's orientation
         return _layers.factors(self.entries)
 
     def cross_nats(self, factors=None) -> Tensor:
@@ -118,9 +94,7 @@ class AGLLoss:
         ``config.curvature == "cross"``."""
         if self._cross is None:
             raise ValueError("AGLLoss.cross_nats: the config's curvature is not 'cross'")
-        Ls, Rs, scales = factors or self._factors()
-        idx = self._cross_idx
-        return self._cross([Ls[i] for i in idx], [Rs[i] for i in idx], [scales[i] for i in idx])[0]
+        return self._cross(*([x[i] for i in self._cross_idx] for x in factors or self._factors()))[0]
 
     def _term_matrix(self, backend: str, factors=None) -> Tensor:
         """(L, 4) terms of every entry (rows in ``self.entries`` order) from one ``agl_terms_grouped`` call, so a
@@ -229,9 +203,8 @@ class AGLLoss:
 
     # ------------------------------------------------------------------ λ_A across optimiser steps and resumes
     def optimizer_step(self) -> None:
-        """Tell the budget controller an optimiser step happened (after ``optimizer.step()``): λ_A takes one step on
-        the micro-batches since the last one. Needed only when the optimiser does not update the LoRA factors in
-        place; ``agl.hf.attach`` calls it. A no-op with a fixed λ_A."""
+        """An optimiser step happened: the budget's λ_A steps on its micro-batches (a no-op with a fixed λ_A). Needed
+        only when the optimiser does not update the LoRA factors in place; ``agl.hf.attach`` calls it."""
         if self.budget is not None:
             self.budget.optimizer_step()
 
@@ -250,13 +223,11 @@ class AGLLoss:
 
     @property
     def last_terms(self) -> Dict[str, Any]:
-        """Floats of the last call: ``align``, ``task``, ``overlap``, ``geodesic`` (the terms in ``config.units``,
-        what the weights multiply), ``collision`` (their α-mix), ``regularizer`` (the λ-weighted sum), ``align_nats``
-        (the predicted rise of the alignment loss, nats per token, in any units; with the cross curvature also
-        ``align_nats_diagonal`` when the grouped op ran), ``lambda_align`` (the λ_A in force), ``share_<term>`` (each
-        weighted term's fraction of the regulariser; all 0 when it is 0), ``task_loss``, ``total``; and ``layers``
-        (name -> per-layer means as ``agl_terms`` gives them and the layer's ``align_nats``) when
-        ``config.per_layer_terms``."""
+        """Floats of the last call: ``align``, ``task``, ``overlap``, ``geodesic`` (in ``config.units``), ``collision``
+        (their α-mix), ``regularizer`` (the λ-weighted sum), ``align_nats`` (predicted rise of the alignment loss,
+        nats per token, in any units; ``align_nats_diagonal`` beside the cross one when the grouped op ran),
+        ``lambda_align`` (in force), ``share_<term>`` (fractions of the regulariser; 0 when it is 0), ``task_loss``,
+        ``total``; ``layers`` (name -> per-layer means and ``align_nats``) with ``config.per_layer_terms``."""
         return self._log.last_terms(self.entries)
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """Hugging Face ``Trainer`` / TRL glue under ``agl.hf.attach``: the logging callback, checkpoint I/O of the
-regulariser's state, Trainer's gradient-accumulation rule and its causal-LM loss. (No import of ``agl.loss`` here: it imports this.)"""
+regulariser's state, Trainer's gradient-accumulation rule and its causal-LM loss. (No import of ``agl.loss`` here:
+it imports this.)"""
 from __future__ import annotations
 
 import json

@@ -41,7 +41,8 @@ class TermLog:
 
     def record(self, task_loss, total: Tensor) -> None:
         """Add the task loss and the total of the call to the last terms, and all of them to the running sums."""
-        self.last["task_loss"] = task_loss.detach().float() if torch.is_tensor(task_loss) else torch.tensor(float(task_loss))
+        self.last["task_loss"] = (task_loss.detach().float() if torch.is_tensor(task_loss)
+                                  else torch.tensor(float(task_loss)))
         self.last["total"] = total.detach().float()
         for k, v in self.last.items():
             self._running[k] = v if k not in self._running else self._running[k] + v.to(self._running[k].device)

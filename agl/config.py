@@ -147,15 +147,16 @@ class AGLConfig:
         self.budget_horizon = _finite("budget_horizon", self.budget_horizon)
         if self.backend not in _BACKENDS:
             raise ValueError(f"AGLConfig: `backend` must be 'auto', 'kernel' or 'torch', got {self.backend!r}")
-        if not (isinstance(self.task_metric, str) and self.task_metric == "ones") and not isinstance(self.task_metric, AlignmentState):
-            raise ValueError(
-                f"AGLConfig: `task_metric` must be 'ones' or an agl.AlignmentState (a task Fisher), got {self.task_metric!r}"
-            )
+        if not (self.task_metric == "ones" if isinstance(self.task_metric, str) else
+                isinstance(self.task_metric, AlignmentState)):
+            raise ValueError("AGLConfig: `task_metric` must be 'ones' or an agl.AlignmentState (a task Fisher), got "
+                             f"{self.task_metric!r}")
         if self.layers is not None and not (isinstance(self.layers, str) or callable(self.layers)):
             try:
                 self.layers = frozenset(self.layers)
             except TypeError:
-                raise ValueError(f"AGLConfig: `layers` must be a regex, a collection of names or a callable, got {self.layers!r}") from None
+                raise ValueError("AGLConfig: `layers` must be a regex, a collection of names or a callable, got "
+                                 f"{self.layers!r}") from None
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self, resolve: bool = False) -> Dict[str, Any]:

@@ -23,7 +23,11 @@ def __getattr__(name):  # lazy: keeps `import agl` light (transformers/peft load
         from agl import sharded_state
 
         return sharded_state.ShardedAlignmentState
-    if name in ("AGLConfig", "AGLLoss", "AGLLoggingCallback"):
+    if name == "AGLConfig":
+        from agl.config import AGLConfig
+
+        return AGLConfig
+    if name in ("AGLLoss", "AGLLoggingCallback"):
         from agl import loss
 
         return getattr(loss, name)

@@ -1,17 +1,20 @@
 """Hugging Face ``Trainer`` / TRL glue under ``agl.hf.attach``: the logging callback, checkpoint I/O of the
-regulariser's state, and Trainer's gradient-accumulation rule. (No import of ``agl.loss`` here: it imports this.)"""
+regulariser's state, Trainer's gradient-accumulation rule and its causal-LM loss. (No import of ``agl.loss`` here:
+it imports this.)"""
 from __future__ import annotations
 
 import json
 import os
 import warnings
 
+import torch
+from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from agl._io import atomic_write_json
 
-__all__ = ["AGLLoggingCallback", "CHECKPOINT_FILE"]
+__all__ = ["AGLLoggingCallback", "CHECKPOINT_FILE", "causal_lm_loss"]
 
 CHECKPOINT_FILE = "agl_loss.json"  # AGLLoss.state_dict() inside each Trainer checkpoint folder
 
@@ -80,3 +83,22 @@ def loss_is_scaled_for_ga(trainer, num_items_in_batch) -> bool:
         return bool(flag)
     return bool((getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
                 or getattr(trainer, "compute_loss_func", None) is not None)
+
+
+def causal_lm_loss(outputs, labels, num_items_in_batch=None):
+    """(task loss, the regulariser's weight) of one micro-batch, by ``transformers``' causal-LM rule: the
+    cross-entropy of ``outputs.logits`` (B, T, V) against ``labels`` (B, T) shifted by one, -100 ignored, summed /
+    ``num_items_in_batch`` when given (the weight is then this micro-batch's share of the counted tokens, so the
+    regulariser enters each optimiser step once in total), else the mean (weight 1). ``labels`` None: the model's
+    own ``outputs.loss``, weight 1."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    if labels is None:
+        return (outputs["loss"] if isinstance(outputs, dict) else outputs.loss), 1.0
+    lg = logits[..., :-1, :].float()
+    tg = labels[..., 1:].to(lg.device)
+    ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100, reduction="sum")
+    local = (tg != -100).sum()
+    if num_items_in_batch is None:
+        return ce / local.clamp_min(1), 1.0
+    nib = num_items_in_batch.to(lg.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    return ce / nib, local.float() / nib

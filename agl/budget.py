@@ -16,7 +16,8 @@ version counters: ``optimizer.step()`` updates parameters in place). So with k m
 per step, as with one k-times larger batch, and a plain loop without accumulation steps it once per call, as before.
 
 Everything stays on the device (no host sync per step); :meth:`state_dict` is plain JSON so a resumed run continues
-with the multiplier it had.
+with the multiplier it had. :class:`AlignWeight` is the λ_A an ``AGLLoss`` uses: this controller's multiplier in
+budget mode, else the config's fixed weight (or one set by hand).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BudgetController"]
+__all__ = ["AlignWeight", "BudgetController"]
 
 LAMBDA_RANGE = 1e6  # λ stays within [λ0 / R, λ0 · R] of its initial value λ0
 _STALL = 4096  # calls in one window without a step: the optimiser does not update the factors in place
@@ -144,3 +145,63 @@ class BudgetController:
         self._prev = None if prev is None else t(_number("BudgetController", "prev_align_nats", prev, positive=False))
         self._sum = t(_number("BudgetController", "window_sum", state["window_sum"], positive=False)) if n else None
         self._n, self._versions, self._told = n, None, bool(state["told"])
+
+
+class AlignWeight:
+    """The λ_A in force for :class:`agl.AGLLoss`: the multiplier of ``controller`` (a :class:`BudgetController`
+    built from ``config`` when ``config.align_budget`` is set; ``params`` are the LoRA factors), else
+    ``config.lambda_align`` or the value last set through :attr:`value`."""
+
+    def __init__(self, config, params: Iterable[Tensor] = ()):
+        self.controller = None if config.align_budget is None else BudgetController.from_config(config, params)
+        self._default = float(config.lambda_align)
+        self._set: Optional[Tensor] = None  # a fixed λ_A set by hand (float64 master)
+        self._fixed: Dict[tuple, Tensor] = {}  # the config's λ_A per (device, dtype), made once
+
+    @property
+    def value(self) -> float:
+        if self.controller is not None:
+            return self.controller.value
+        return float(self._set) if self._set is not None else float(self._default)
+
+    @value.setter
+    def value(self, v: float) -> None:
+        from agl.config import _finite  # the config's message for a bad weight
+
+        if self.controller is not None:
+            self.controller.value = _finite("lambda_align", v, positive=True)
+        else:
+            self._set = torch.tensor(_finite("lambda_align", v), dtype=torch.float64)
+
+    def multiplier(self, like: Tensor) -> Tensor:
+        """λ_A as a 0-dim tensor on ``like``'s device and dtype (no host sync)."""
+        if self.controller is not None:
+            return self.controller.multiplier(like)
+        if self._set is None:
+            key = (like.device, like.dtype)
+            if key not in self._fixed:
+                self._fixed[key] = torch.tensor(self._default, dtype=like.dtype, device=like.device)
+            return self._fixed[key]
+        if self._set.device != like.device:
+            self._set = self._set.to(like.device)
+        return self._set.to(like.dtype)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"budget": the controller's state or None, "lambda_align": a λ_A set by hand or None}`` (JSON-able)."""
+        return {"budget": None if self.controller is None else self.controller.state_dict(),
+                "lambda_align": None if self._set is None else float(self._set)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (from a loss in the same mode: budget or fixed λ_A)."""
+        if not isinstance(state, dict) or set(state) != {"budget", "lambda_align"}:
+            raise ValueError("AGLLoss.load_state_dict: `state` must be a dict with keys 'budget' and 'lambda_align' "
+                             f"(AGLLoss.state_dict()), got {sorted(state) if isinstance(state, dict) else state!r}")
+        if (state["budget"] is None) != (self.controller is None):
+            mode = lambda has: "with a budget" if has else "with a fixed λ_A"  # noqa: E731
+            raise ValueError(f"AGLLoss.load_state_dict: `state` is from a loss {mode(state['budget'] is not None)}, "
+                             f"this one is {mode(self.controller is not None)}; set AGLConfig.align_budget as in the "
+                             "run saved")
+        if self.controller is not None:
+            self.controller.load_state_dict(state["budget"])
+        if state["lambda_align"] is not None:
+            self.value = state["lambda_align"]

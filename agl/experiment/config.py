@@ -237,20 +237,14 @@ ABLATION_CHANGES = {
 
 
 def agl_settings(c: AGLConfig) -> Dict[str, Any]:
-    """The AGL config as a JSON-able dict of all its fields (what the fine-tune stages hash)."""
-    out = {}
-    for f in fields(c):
-        v = getattr(c, f.name)
-        if isinstance(v, (frozenset, set, tuple)):
-            v = sorted(v)
-        if f.name == "task_metric" and not isinstance(v, str):
-            raise ValueError("`agl.task_metric`: the experiment supports 'ones' only (a task-Fisher state cannot be "
-                             "stored in the config)")
-        if callable(v):
-            raise ValueError(f"`agl.{f.name}`: a callable cannot be stored in the config; use a regex or names")
-        if f.name == "curvature" and v == "diagonal":
-            continue  # the field's default before it existed: keys of runs without it stay as they were
-        out[f.name] = v
+    """The AGL config as a JSON-able dict of all its fields, weights resolved (``AGLConfig.to_dict(resolve=True)``:
+    what the fine-tune stages hash); a task-Fisher state or a callable layer filter raises a ValueError."""
+    try:
+        out = c.to_dict(resolve=True)
+    except ValueError as exc:
+        raise ValueError(f"`agl`: {exc}") from None
+    if out["curvature"] == "diagonal":
+        del out["curvature"]  # the field's default before it existed: keys of runs without it stay as they were
     return out
 
 
@@ -258,12 +252,7 @@ def agl_config_from_dict(d: Dict[str, Any]) -> AGLConfig:
     """An AGLConfig from a table of its fields; unknown keys raise a ValueError naming them."""
     if not isinstance(d, dict):
         raise ValueError(f"`agl` must be a table of AGLConfig fields, got {type(d).__name__}")
-    names = {f.name for f in fields(AGLConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join('agl.' + k for k in unknown)} (AGLConfig fields: "
-                         f"{', '.join(sorted(names))})")
-    return AGLConfig(**d)
+    return AGLConfig.from_dict(d, prefix="agl.")
 
 
 def method_settings(cfg: ExperimentConfig, method: str, *, lam: Optional[float] = None,

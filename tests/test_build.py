@@ -18,7 +18,7 @@ from agl import _load
 SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
 
 
-_SETUP_HELPERS = ("_log", "_real_cuda_home", "_want_cuda", "_drop_stale_extension", "_mem_available_gib", "_max_jobs",
+_SETUP_HELPERS = ("_log", "_real_cuda_home", "_want_cuda", "_bench_ops", "_drop_stale_extension", "_mem_available_gib", "_max_jobs",
                   "_code_state", "_write_build_info")
 
 

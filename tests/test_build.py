@@ -145,6 +145,22 @@ def test_setup_drops_an_extension_built_the_other_way(tmp_path):
     assert not so.exists()
 
 
+def test_setup_drops_an_extension_with_other_bench_ops(tmp_path, monkeypatch):
+    """A bench/test build (AGL_BENCH_OPS=1) and a plain one differ in their sources: build_ext would keep either."""
+    ns = _setup_helpers()
+    ns["ROOT"] = tmp_path
+    (tmp_path / "agl").mkdir()
+    so = tmp_path / "agl" / "_C.cpython-311-x86_64-linux-gnu.so"
+    so.write_bytes(b"\x7fELF")
+    (tmp_path / "agl" / "_build_info.py").write_text("WITH_CUDA = False\nBENCH_OPS = True\n")
+    monkeypatch.setenv("AGL_BENCH_OPS", "1")
+    ns["_drop_stale_extension"](False)  # the same build: kept
+    assert so.exists()
+    monkeypatch.delenv("AGL_BENCH_OPS")
+    ns["_drop_stale_extension"](False)  # a plain build over a bench one: removed
+    assert not so.exists()
+
+
 def test_cuda_build_wherever_one_can_be_built():
     """With a CUDA torch and a CUDA toolkit here, the extension must have its CUDA kernels (so every .cu compiled),
     whether or not a GPU is present. Only an explicit AGL_CPU_ONLY=1 build is exempt (`make test` never makes one)."""

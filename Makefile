@@ -28,8 +28,9 @@ $(VENV)/.model: $(VENV)/.deps
 	touch $@
 
 # (setup.py removes an in-place _C*.so built CPU-only when it now builds with CUDA, and the reverse)
+# AGL_BENCH_OPS=1: the development build carries the benchmarks' do-nothing ops (csrc/bench/); a wheel does not
 build: $(VENV)/.deps
-	$(PY) setup.py -q build_ext --inplace
+	AGL_BENCH_OPS=1 $(PY) setup.py -q build_ext --inplace
 
 test: build $(VENV)/.model
 	AGL_REQUIRE_MODEL=1 $(PY) -m pytest -q -rs tests

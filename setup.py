@@ -5,7 +5,8 @@ AGL_CPU_ONLY=1. A CUDA torch without a CUDA toolkit (nvcc) is an error, not a si
 toolkit (or set CUDA_HOME), or ask for the CPU-only build with AGL_CPU_ONLY=1. The choice never depends on
 torch.cuda.is_available(), so GPU-less machines build CUDA wheels.
 Knobs: AGL_FORCE_CUDA, AGL_CPU_ONLY, TORCH_CUDA_ARCH_LIST (default "9.0": Hopper), MAX_JOBS (default from
-MemAvailable), AGL_DEBUG=1 (-O0 -g).
+MemAvailable), AGL_DEBUG=1 (-O0 -g), AGL_BENCH_OPS=1 (a bench/test build: adds csrc/bench/, the do-nothing
+agl_bench:: ops the benchmarks take as their floor; `make build` sets it, a wheel leaves it out).
 """
 from __future__ import annotations
 
@@ -109,6 +110,8 @@ def _extensions():
     # IEEE result (unlike -ffast-math: NaN/inf semantics are kept)
     cxx = opt + ["-fopenmp", "-fno-trapping-math"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    if _bench_ops():
+        sources += sorted(glob.glob("csrc/bench/*.cpp"))
     define_macros = []
     extra = {"cxx": cxx}
     if cuda:
@@ -145,13 +148,21 @@ def _extensions():
     ], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
+def _bench_ops() -> bool:
+    return os.environ.get("AGL_BENCH_OPS") == "1"
+
+
 def _drop_stale_extension(cuda: bool) -> None:
-    """Remove an in-place ``agl/_C*.so`` built with the other choice (CUDA vs CPU-only): build_ext compares only
-    timestamps, so it would keep a CPU-only library next to build info that says CUDA (and the reverse)."""
+    """Remove an in-place ``agl/_C*.so`` built with the other choice (CUDA vs CPU-only, with or without the bench
+    ops): build_ext compares only timestamps, so it would keep a CPU-only library next to build info that says CUDA
+    (and the reverse)."""
     info = ROOT / "agl" / "_build_info.py"
-    if info.exists() and f"WITH_CUDA = {not cuda!r}" in info.read_text():
+    text = info.read_text() if info.exists() else ""
+    other_bench = "BENCH_OPS = " in text and f"BENCH_OPS = {_bench_ops()!r}" not in text
+    if f"WITH_CUDA = {not cuda!r}" in text or other_bench:
         for so in glob.glob(str(ROOT / "agl" / "_C*.so")):
-            _log(f"removing {os.path.basename(so)}: it was built {'CPU-only' if cuda else 'with CUDA'}")
+            why = "with other bench ops" if other_bench else ("CPU-only" if cuda else "with CUDA")
+            _log(f"removing {os.path.basename(so)}: it was built {why}")
             os.unlink(so)
 
 
@@ -177,6 +188,7 @@ def _write_build_info(torch, cuda: bool) -> None:
         f"WITH_CUDA = {cuda!r}\n"
         f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None!r}\n"
         f"CPU_ONLY_REQUESTED = {os.environ.get('AGL_CPU_ONLY') == '1'!r}\n"
+        f"BENCH_OPS = {_bench_ops()!r}\n"
         f"GIT_COMMIT = {code['git_commit']!r}\n"
         f"GIT_DIRTY = {code['git_dirty']!r}\n"
         f"CSRC_DIGEST = {code['csrc_digest']!r}\n"

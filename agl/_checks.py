@@ -61,9 +61,9 @@ def check_inputs(
                 f"agl: `{nm('B_align')}` must be (m, r') and `{nm('A_align')}` (r', n) with m={m}, n={n}; "
                 f"got {nm('B_align')} {tuple(B_align.shape)}, {nm('A_align')} {tuple(A_align.shape)}"
             )
-        for name, t in (("B_align", B_align), ("A_align", A_align)):
-            if t.dtype != B.dtype:
-                raise TypeError(f"agl: `{nm(name)}` must have the dtype of `{nm('B')}` ({B.dtype}), got {t.dtype}")
+        if B_align.dtype != B.dtype or A_align.dtype != B.dtype:
+            raise TypeError(f"agl: `{nm('B_align')}` and `{nm('A_align')}` must have the dtype of `{nm('B')}` "
+                            f"({B.dtype}), got {B_align.dtype} and {A_align.dtype}")
     for name, t in (("fisher", fisher), ("task_metric", task_metric), ("align_mask", align_mask)):
         if t is None:
             continue
@@ -157,13 +157,14 @@ def check_grouped(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, sca
         if B.device != Bs[0].device:
             raise ValueError(f"agl: `Bs[{l}]` is on {B.device} but `Bs[0]` is on {Bs[0].device}; all layers must "
                              "share a device")
-        for name, t, rows, side in (("Us", opt(Us, l), B.shape[0], "m"), ("Vs", opt(Vs, l), A.shape[1], "n")):
+        for name, t, rows, side, X in (("Us", opt(Us, l), B.shape[0], "m", "Bs"), ("Vs", opt(Vs, l), A.shape[1], "n",
+                                                                                    "As")):
             if t is None:
                 continue
             _check_float(f"{name}[{l}]", t)
             if t.shape[0] != rows:
-                raise ValueError(f"agl: `{name}[{l}]` must have shape ({side}, k) with {side} = {rows}, got "
-                                 f"{tuple(t.shape)}")
+                raise ValueError(f"agl: `{name}[{l}]` must have shape ({side}, k) with {side} = {rows} ({X}[{l}] has "
+                                 f"shape {list((B if X == 'Bs' else A).shape)}), got {tuple(t.shape)}")
             if t.dtype != B.dtype:
                 raise TypeError(f"agl: `{name}[{l}]` must have the dtype of `Bs[{l}]` ({B.dtype}), got {t.dtype}")
             if t.device != B.device:

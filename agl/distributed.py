@@ -111,7 +111,7 @@ class _GatherRows(torch.autograd.Function):
         ctx.local_rows = [t.shape[0] for t in local]
         ctx.cols = [math.prod(t.shape[1:]) for t in local]
         ctx.tail = [tuple(t.shape[1:]) for t in local]
-        ctx.dtype = local[0].dtype
+        ctx.dtype, ctx.device = local[0].dtype, local[0].device
         for t, m in zip(local, full_rows):  # the layout we assume is FSDP2's / DTensor's: check it, never guess
             r0, r1 = row_range(m, rank, world)
             if t.shape[0] != r1 - r0:
@@ -133,7 +133,7 @@ class _GatherRows(torch.autograd.Function):
         world = dist.get_world_size(ctx.group)
         parts = []
         for g, m, c, k, tail in zip(grads, ctx.full_rows, ctx.chunks, ctx.cols, ctx.tail):
-            g = torch.zeros((m,) + tail, dtype=ctx.dtype) if g is None else g
+            g = torch.zeros((m,) + tail, dtype=ctx.dtype, device=ctx.device) if g is None else g
             parts.append(_pad_rows(g.contiguous(), world * c).reshape(world, c * k))
         send = torch.cat(parts, dim=1).contiguous()
         recv = send.new_empty(send.shape[1])
@@ -208,23 +208,30 @@ def gather_whole(params: Sequence[Tensor], group) -> List[Tensor]:
 
 # ---------------------------------------------------------------------------------------------- the terms
 class _KernelRowTerms(torch.autograd.Function):
-    """(layers, 4) terms from the fused op on each rank's rows: partial sums from ``agl::terms_fwd``, one all-reduce,
-    terms from the global sums. Backward: the terms' gradient averaged over ranks (as in :class:`_SumOverRanks`),
-    then ``agl::terms_bwd`` with the global sums on the rank's rows; the op divides
-    the mean terms' gradients by its own N (rows × n), so they are rescaled by N_rows/N first (the geodesic term
-    does not depend on N)."""
+    """(layers, 4) terms from the fused op on each rank's rows: partial sums from one ``agl::terms_grouped_fwd`` call
+    over the layers this rank holds rows of, one all-reduce, terms from the global sums. Backward: the terms'
+    gradient averaged over ranks (as in :class:`_SumOverRanks`), then one ``agl::terms_grouped_bwd`` with the global
+    sums on the rank's rows; the op divides the mean terms' gradients by its own N (rows × n), so they are rescaled
+    by N_rows/N first (the geodesic term does not depend on N). Sums and terms are float64 when any layer has float64
+    factors (on every rank alike: the all-reduce needs one dtype), else float32."""
+
+    @staticmethod
+    def _held(layers, factors):
+        """Indices of the layers with rows on this rank, and their grouped-op inputs (lists, then the scales)."""
+        idx = [i for i, lay in enumerate(layers) if lay[3]]
+        lists = [[factors[4 * i + k] for i in idx] for k in range(4)]
+        return idx, lists + [[layers[i][0] for i in idx], [layers[i][1] for i in idx]], [layers[i][4] for i in idx]
 
     @staticmethod
     def forward(ctx, group, layers, scalars, *factors: Optional[Tensor]):
         # layers: per layer (fisher rows, task-metric rows, N, rows held, scale); scalars: (beta, tau, sharpness, eps);
         # factors: 4 per layer (L rows, R, L_al rows, R_al)
-        S = []
-        for i, (F, H, _N, nrows, scale) in enumerate(layers):
-            L, R, La, Ra = factors[4 * i: 4 * i + 4]
-            acc = torch.float64 if L.dtype == torch.float64 else torch.float32
-            S.append(torch.ops.agl.terms_fwd(L, R, La, Ra, F, H, None, scale, *scalars)[1] if nrows
-                     else torch.zeros(5, dtype=acc, device=L.device))
-        S = torch.stack([s.to(S[0].dtype) for s in S])
+        out = torch.float64 if any(f.dtype == torch.float64 for f in factors[0::4]) else torch.float32
+        S = torch.zeros((len(layers), 5), dtype=out, device=factors[0].device)
+        idx, (Ls, Rs, Las, Ras, Fs, Hs), scales = _KernelRowTerms._held(layers, factors)
+        if idx:
+            sums = torch.ops.agl.terms_grouped_fwd(Ls, Rs, Las, Ras, [], [], Fs, Hs, scales, *scalars)[1]
+            S[idx] = sums.to(out)
         dist.all_reduce(S, group=group)
         ctx.save_for_backward(S, *[f for f in factors])
         ctx.layers, ctx.scalars, ctx.group = layers, scalars, group
@@ -235,18 +242,18 @@ class _KernelRowTerms(torch.autograd.Function):
     def backward(ctx, grad_T):
         S, *factors = ctx.saved_tensors
         grad_T = _mean_over_ranks(grad_T, ctx.group)  # as _SumOverRanks: the ranks' losses averaged
-        grads: List[Optional[Tensor]] = []
-        for i, (F, H, N, nrows, scale) in enumerate(ctx.layers):
-            L, R, La, Ra = factors[4 * i: 4 * i + 4]
-            if not nrows:
-                grads += [torch.zeros_like(L), torch.zeros_like(R), None if La is None else torch.zeros_like(La),
-                          None if Ra is None else torch.zeros_like(Ra)]
-                continue
-            gt = grad_T[i].to(S.dtype).clone()
-            gt[:3] *= (nrows * R.shape[1]) / N
-            gL, gR, gLa, gRa = torch.ops.agl.terms_bwd(gt.contiguous(), S[i].contiguous(), L, R, La, Ra, F, H, None,
-                                                       scale, *ctx.scalars)
-            grads += [gL, gR, gLa if La is not None else None, gRa if Ra is not None else None]
+        grads: List[Optional[Tensor]] = [None if f is None else torch.zeros_like(f) for f in factors]
+        idx, (Ls, Rs, Las, Ras, Fs, Hs), scales = _KernelRowTerms._held(ctx.layers, factors)
+        if idx:
+            gt = grad_T[idx].to(S.dtype)
+            share = [ctx.layers[i][3] * factors[4 * i + 1].shape[1] / ctx.layers[i][2] for i in idx]
+            gt[:, :3] *= torch.tensor(share, dtype=S.dtype, device=S.device)[:, None]
+            held = torch.ops.agl.terms_grouped_bwd(gt.contiguous(), S[idx].contiguous(), Ls, Rs, Las, Ras, [], [],
+                                                   Fs, Hs, scales, *ctx.scalars)
+            for j, i in enumerate(idx):
+                for k in range(4):
+                    if factors[4 * i + k] is not None:
+                        grads[4 * i + k] = held[k][j]
         return (None, None, None, *grads)
 
 

@@ -19,8 +19,11 @@ Shapes: B (m, r), A (r, n), B_align (m, r'), A_align (r', n); fisher, task_metri
 
 the same for L layers at once (lists of per-layer tensors; see ``csrc/agl_grouped_ops.cpp`` and
 :func:`agl.functional.agl_terms_grouped`); row l is bitwise what ``terms_fwd`` gives for layer l alone.
-``agl::terms_grouped_null`` / ``terms_grouped_null_bwd`` take the same arguments and only allocate the outputs (the
-benchmarks' floor). Inputs are validated once per path: by the C++ kernels, or by the fakes under tracing / meta.
+A bench/test build (``AGL_BENCH_OPS=1``, what ``make build`` makes) adds ``agl_bench::terms_grouped_null`` /
+``terms_grouped_null_bwd``: the same arguments, only the outputs allocated (the benchmarks' floor; see
+:func:`has_null_ops`). Inputs are validated once per path: by the C++ glue (csrc/agl_glue.cpp; its messages reach
+Python as the ValueError / TypeError they raise), or by the fakes under tracing / meta with ``agl._checks``, whose
+messages tests/test_ops.py and tests/test_grouped.py hold equal to the C++ ones case by case.
 One autograd path per op: the ``register_autograd`` registrations below, for eager calls and traced graphs alike.
 """
 from __future__ import annotations
@@ -35,7 +38,7 @@ from agl._checks import check_grouped, check_inputs
 from agl.reference import AGLTerms
 
 __all__ = ["available", "supports_device", "with_cuda", "agl_terms_kernel", "agl_terms_grouped_kernel",
-           "set_cuda_grouped", "cuda_grouped_status", "SUM_NAMES", "TERM_NAMES"]
+           "set_cuda_grouped", "cuda_grouped_status", "has_null_ops", "SUM_NAMES", "TERM_NAMES"]
 
 SUM_NAMES = ("align", "task", "overlap", "cross", "task_fisher")
 TERM_NAMES = ("align", "task", "overlap", "geodesic")
@@ -62,6 +65,11 @@ def supports_device(device) -> bool:
     if dev.type == "cuda":
         return with_cuda()
     return False
+
+
+def has_null_ops() -> bool:
+    """True when the extension is a bench/test build with the do-nothing ``agl_bench::terms_grouped_null`` ops."""
+    return _EXT is not None and hasattr(torch.ops.agl_bench, "terms_grouped_null")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,9 +201,10 @@ if _EXT is not None:
 
     torch.library.register_autograd("agl::terms_grouped_fwd", _make_grouped_backward(torch.ops.agl.terms_grouped_bwd),
                                     setup_context=_grouped_setup_context)
-    torch.library.register_autograd("agl::terms_grouped_null",
-                                    _make_grouped_backward(torch.ops.agl.terms_grouped_null_bwd),
-                                    setup_context=_grouped_setup_context)
+    if has_null_ops():
+        torch.library.register_autograd("agl_bench::terms_grouped_null",
+                                        _make_grouped_backward(torch.ops.agl_bench.terms_grouped_null_bwd),
+                                        setup_context=_grouped_setup_context)
 
 
 def agl_terms_kernel(
@@ -224,10 +233,13 @@ def agl_terms_kernel(
 
 def agl_terms_grouped_kernel(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness,
                              eps, null: bool = False) -> Tensor:
-    """The (L, 4) terms from ``agl::terms_grouped_fwd`` (``null``: the do-nothing provider); lists as normalised by
-    :func:`agl._checks.grouped_lists` (see :func:`agl.functional.agl_terms_grouped`)."""
+    """The (L, 4) terms from ``agl::terms_grouped_fwd`` (``null``: the do-nothing provider of a bench/test build);
+    lists as normalised by :func:`agl._checks.grouped_lists` (see :func:`agl.functional.agl_terms_grouped`)."""
     if _EXT is None:
         raise RuntimeError(f"agl: the fused kernel is unavailable: {_load.load_error()}")
+    if null and not has_null_ops():
+        raise RuntimeError("agl: `null=True` needs a bench/test build of the extension (AGL_BENCH_OPS=1, as "
+                           "`make build` does)")
     if any(t is None for t in B_aligns) or any(t is None for t in A_aligns):
         # autograd sees a tensor list holding None as one opaque argument (no gradients for its tensors): stand an
         # empty (m, 0) x (0, n) pair in for a missing one (D_A = 0, exactly what "no align pair" means)
@@ -236,7 +248,7 @@ def agl_terms_grouped_kernel(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_m
                                                                         A.new_empty((0, A.shape[1])))
                  for B, A, Ba, Aa in zip(Bs, As, B_aligns, A_aligns)]
         B_aligns, A_aligns = [p[0] for p in pairs], [p[1] for p in pairs]
-    op = torch.ops.agl.terms_grouped_null if null else torch.ops.agl.terms_grouped_fwd
+    op = torch.ops.agl_bench.terms_grouped_null if null else torch.ops.agl.terms_grouped_fwd
     terms, _ = op(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, float(beta), float(tau),
                   float(sharpness), float(eps))
     return terms
@@ -248,7 +260,7 @@ def set_cuda_grouped(enable: bool) -> bool:
     compiled into this build; otherwise the grouped op loops over the verified per-layer CUDA kernels."""
     if _EXT is None:
         raise RuntimeError(f"agl: the fused kernel is unavailable: {_load.load_error()}")
-    return bool(torch.ops.agl.set_cuda_grouped(bool(enable)))
+    return bool(_EXT.set_cuda_grouped(bool(enable)))
 
 
 def cuda_grouped_status() -> dict:

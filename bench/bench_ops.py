@@ -6,8 +6,8 @@
 
 Modes: forward (terms with the autograd graph built), backward (grads of a weighted sum of the terms, the forward
 untimed), fwd+bwd. Providers: agl (agl.functional.agl_terms, backend="kernel"), grouped (the same layer through
-agl.functional.agl_terms_grouped, a 1-layer group), null (the grouped op's do-nothing twin ``agl::terms_grouped_null``
-through the same Python path and autograd: the floor the harness and the host path impose), eager
+agl.functional.agl_terms_grouped, a 1-layer group), null (the grouped op's do-nothing twin
+``agl_bench::terms_grouped_null`` of a bench/test build, through the same Python path and autograd: the floor the harness and the host path impose), eager
 (agl.reference.agl_terms), compiled (torch.compile(agl.reference.agl_terms)). Inputs: B, A, B_align, A_align of rank r, fisher and task_metric
 (the usual AGL setting). Timings: median / p20 / p80 over --reps repetitions after warm-up. Peak memory: on CUDA
 torch.cuda.max_memory_allocated() above the inputs; on CPU the peak-RSS increase of a fresh subprocess per
@@ -253,6 +253,12 @@ def measure_peaks(device, dtype):
     return bw, fl
 
 
+def _has_null_ops() -> bool:
+    from agl import ops
+
+    return ops.has_null_ops()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -281,6 +287,10 @@ def main(argv=None):
         dtypes = args.dtypes.split(",")
     modes = args.modes.split(",")
     providers = args.providers.split(",")
+    if "null" in providers and not _has_null_ops():
+        print("[bench] no `null` rows: the extension is not a bench/test build (AGL_BENCH_OPS=1, `make build`)",
+              file=sys.stderr)
+        providers.remove("null")
     reps = args.reps or (5 if args.quick else 10)
     warmup = 2 if device.type == "cuda" else 1
     name = device_name(device)

@@ -8,7 +8,8 @@ Providers:
   per-layer   one ``agl_terms`` call per layer plus the two projection matmuls (what AGLLoss did before)
   default     the grouped op on the verified per-layer kernels (switch off)
   grouped-tc  the opt-in single-launch tensor-core kernels (``agl.ops.set_cuda_grouped(True)``)
-  null        ``agl::terms_grouped_null`` + ``_null_bwd``: same arguments, outputs only (the floor the harness imposes)
+  null        ``agl_bench::terms_grouped_null`` + ``_null_bwd`` (bench/test build, AGL_BENCH_OPS=1): same arguments,
+              outputs only (the floor the harness imposes)
   reference   the pure-PyTorch reference per layer, eager (only for sets of at most 8 layers)
 Wall time per forward+backward: CUDA events around ``--reps`` iterations, median of 5 groups. For every provider but
 null also the GPU time per iteration from CUDA-graph replay (no host work), when capture succeeds.
@@ -53,13 +54,17 @@ def step_fn(provider: str, x: dict):
     leaves = x["Bs"] + x["As"]
     L = len(x["Bs"])
     if provider == "null":
+        from agl import ops
+
+        if not ops.has_null_ops():
+            raise ValueError("null: needs a bench/test build of the extension (AGL_BENCH_OPS=1, `make build`)")
         args = (x["Bs"], x["As"], [None] * L, [None] * L, x["Us"], x["Vs"], x["Fs"], [None] * L, x["scales"], 4.0,
                 0.01, 100.0, 1e-12)
         ones = torch.ones(L, 4, device="cuda")
 
         def run():
-            _, sums = torch.ops.agl.terms_grouped_null(*args)
-            return torch.ops.agl.terms_grouped_null_bwd(ones, sums, *args)
+            _, sums = torch.ops.agl_bench.terms_grouped_null(*args)
+            return torch.ops.agl_bench.terms_grouped_null_bwd(ones, sums, *args)
         return run
     if provider in ("per-layer", "reference"):
         if provider == "reference" and L > 8:

@@ -1,5 +1,5 @@
-// Interface between the grouped-op glue (csrc/agl_ops.cpp, which owns the schema, validation and the CPU path) and an
-// optional CUDA implementation that handles all layers of a call in one launch per pass (csrc/cuda/, opt-in).
+// Interface between the glue (csrc/agl_glue.cpp, which validates and owns the launch paths) and an optional CUDA
+// implementation of the grouped op that handles all layers of a call in one launch per pass (csrc/cuda/, opt-in).
 //
 // The glue validates every layer once, makes tensors contiguous, applies the U/V projections
 // (B_align = U (Uᵀ B), A_align = (A V) Vᵀ) and allocates the outputs, then offers the call to the registered CUDA
@@ -14,6 +14,11 @@
 
 #include <optional>
 #include <vector>
+
+// The inputs of the grouped op's schemas (agl::terms_grouped_*, and the bench build's agl_bench::terms_grouped_null).
+#define AGL_GROUPED_INPUTS                                                                                       \
+  "Tensor[] Bs, Tensor[] As, Tensor?[] B_aligns, Tensor?[] A_aligns, Tensor?[] Us, Tensor?[] Vs, Tensor?[] fishers, " \
+  "Tensor?[] task_metrics, float[] scales, float beta, float tau, float sharpness, float eps"
 
 namespace agl {
 
@@ -48,8 +53,10 @@ struct GroupedCudaOverride {
   const char* name = nullptr;  // reported by agl.ops (e.g. "grouped-tc")
 };
 
-// The registry (defined in csrc/agl_ops.cpp). Used only when the opt-in switch is on: environment variable
-// AGL_CUDA_GROUPED=1 at import, or torch.ops.agl.set_cuda_grouped(True) (see agl.ops.set_cuda_grouped).
+// The registry, its opt-in switch (environment variable AGL_CUDA_GROUPED=1 at import, or agl._C.set_cuda_grouped,
+// see agl.ops.set_cuda_grouped) and the status all live in csrc/agl_module.cpp.
 GroupedCudaOverride& grouped_cuda_override();
+// The registered override while the switch is on and both functions are registered, else nullptr.
+const GroupedCudaOverride* active_grouped_override();
 
 }  // namespace agl

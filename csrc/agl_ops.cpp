@@ -1,5 +1,6 @@
-// Torch-facing glue of the fused AGL op: schemas, argument checks, dtype dispatch, CPU (and, in a CUDA build, CUDA)
-// implementations, and the Python module init so that `import agl._C` registers the ops.
+// The two ops, agl::terms_* (one layer) and agl::terms_grouped_* (L layers in one call): their schemas, the
+// structure of their inputs, and their CPU (and, in a CUDA build, CUDA) implementations. Both build the glue's Call
+// (csrc/agl_glue.h) and run its one path per device: the per-layer op is the one-layer case of the grouped one.
 //
 //   agl::terms_fwd(B, A, B_align?, A_align?, fisher?, task_metric?, align_mask?, scale, beta, tau, sharpness, eps)
 //       -> (terms (4,) [align, task, overlap, geodesic],
@@ -10,160 +11,168 @@
 // forward's by-product that the backward needs (they are not differentiated); agl/ops.py wires the backward with
 // torch.library.register_autograd. Forming the terms (and, backward, the grads of the sums) inside the op keeps a
 // call at one dispatch each way: a dozen tiny torch ops per call cost more than the kernels on small layers.
-#include <Python.h>
-
+//
+//   agl::terms_grouped_fwd(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness,
+//                          eps) -> (terms (L, 4) [align, task, overlap, geodesic], sums (L, 5))
+//   agl::terms_grouped_bwd(grad_terms (L, 4), sums (L, 5), <same inputs>) -> (grad_Bs, grad_As, grad_B_aligns,
+//                                                                             grad_A_aligns)
+//
+// Lists: Bs, As, scales hold one entry per layer; the optional lists are empty (absent) or hold one entry (or None)
+// per layer. With Us or Vs non-empty every layer's alignment pair is formed inside the op:
+//   B_align = U (Uᵀ B) (B when U is None),  A_align = (A V) Vᵀ (A when V is None),
+// and its gradient is chained back into grad_B / grad_A (grad_B_aligns / grad_A_aligns are then empty (m, 0) /
+// (0, n)); giving B_aligns/A_aligns too is an error. Output dtype: float64 when any layer has float64 factors, else
+// float32. Row l equals what agl::terms_fwd returns for layer l alone, bit for bit (the same Call path: the same CPU
+// tasks, the same per-layer CUDA kernels), so grouping changes the cost, never the numbers. On CUDA the grouped op
+// offers the call to the opt-in single-launch override first (csrc/agl_grouped.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "agl_glue.h"
 #include "agl_grouped.h"
-#include "agl_kernels.h"
-
-#ifdef AGL_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace agl {
-
-std::pair<bool, const char*> cuda_grouped_status();  // csrc/agl_grouped_ops.cpp
-
-// The registry of an opt-in single-launch CUDA implementation of the grouped op (csrc/agl_grouped.h).
-GroupedCudaOverride& grouped_cuda_override() {
-  static GroupedCudaOverride o;
-  return o;
-}
-
 namespace {
 
 using at::Tensor;
+using at::TensorList;
 using std::optional;
 using namespace glue;
+using Grads4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using OptList = c10::List<optional<Tensor>>;
+using Lists = std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
 
-// grad_terms (4,) and sums (5,): floating point, on the device of B.
-void check_vector(const Tensor& t, int64_t len, const char* name, const Prepared& p) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == len, "agl: `", name, "` must have shape (", len, ",), got ",
-                    t.sizes());
-  TORCH_CHECK_TYPE(is_factor_dtype(t.scalar_type()), "agl: `", name, "` must be a floating-point tensor, got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == p.B.device(), "agl: `", name, "` is on ", t.device(), " but `B` is on ",
+// ------------------------------------------------------------------------------------------------ one layer
+Call single_call(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align, const optional<Tensor>& A_align,
+                 const optional<Tensor>& fisher, const optional<Tensor>& task_metric,
+                 const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness,
+                 double eps) {
+  Call c;
+  c.single = true;
+  c.op = "agl::terms";
+  c.first = "B";
+  c.add(prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, Names()));
+  c.params(beta, tau, sharpness, eps);
+  return c;
+}
+
+template <std::tuple<Tensor, Tensor> (*Fwd)(Call&)>
+std::tuple<Tensor, Tensor> terms_fwd(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
+                                     const optional<Tensor>& A_align, const optional<Tensor>& fisher,
+                                     const optional<Tensor>& task_metric, const optional<Tensor>& align_mask,
+                                     double scale, double beta, double tau, double sharpness, double eps) {
+  Call c = single_call(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
+  return Fwd(c);
+}
+
+template <std::vector<LayerGrads> (*Bwd)(Call&, const Tensor&, const Tensor&)>
+Grads4 terms_bwd(const Tensor& grad_terms, const Tensor& sums, const Tensor& B, const Tensor& A,
+                 const optional<Tensor>& B_align, const optional<Tensor>& A_align, const optional<Tensor>& fisher,
+                 const optional<Tensor>& task_metric, const optional<Tensor>& align_mask, double scale, double beta,
+                 double tau, double sharpness, double eps) {
+  Call c = single_call(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
+  check_incoming(grad_terms, kNumTerms, "grad_terms", c);
+  check_incoming(sums, kNumSums, "sums", c);
+  const BwdOut o = Bwd(c, grad_terms, sums)[0].out;
+  return {o.dB, o.dA, o.dBa, o.dAa};
+}
+
+// ------------------------------------------------------------------------------------------------ L layers
+optional<Tensor> entry(const OptList& list, size_t l) {
+  if (list.size() == 0) return std::nullopt;
+  optional<Tensor> t = list.get(l);
+  return given(t) ? t : std::nullopt;
+}
+
+void check_list_len(size_t len, size_t L, const char* name, bool optional_list) {
+  TORCH_CHECK_VALUE(len == L || (optional_list && len == 0), "agl: `", name, "` must have one entry per layer (",
+                    L, " = len(Bs))", optional_list ? " or be empty" : "", ", got ", len);
+}
+
+// Us[l] (m, k) / Vs[l] (n, k) of the factors' dtype and device (t: the entry, or none).
+void check_projection(const optional<Tensor>& t, const std::string& name, bool u_side, const Prepared& p,
+                      const Names& nm) {
+  if (!t) return;
+  const int64_t rows = u_side ? p.m : p.n;
+  check_matrix(*t, name);
+  TORCH_CHECK_VALUE(t->size(0) == rows, "agl: `", name, "` must have shape (", u_side ? "m" : "n", ", k) with ",
+                    u_side ? "m = " : "n = ", rows, " (", u_side ? nm.B : nm.A, " has shape ",
+                    u_side ? p.B.sizes() : p.A.sizes(), "), got ", t->sizes());
+  TORCH_CHECK_TYPE(t->scalar_type() == p.factor, "agl: `", name, "` must have the dtype of `", nm.B, "` (", p.factor,
+                   "), got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->device() == p.B.device(), "agl: `", name, "` is on ", t->device(), " but `", nm.B, "` is on ",
                     p.B.device(), "; all tensors must share a device");
 }
 
-// A (len,) tensor as `len` host values of type Acc.
-template <typename Acc>
-void host_values(const Tensor& t, Acc* out) {
-  Tensor h = t.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* v = h.data_ptr<double>();
-  for (int64_t k = 0; k < h.numel(); ++k) out[k] = static_cast<Acc>(v[k]);
+Call grouped_call(TensorList Bs, TensorList As, const OptList& B_aligns, const OptList& A_aligns, const OptList& Us,
+                  const OptList& Vs, const OptList& fishers, const OptList& task_metrics, at::ArrayRef<double> scales,
+                  double beta, double tau, double sharpness, double eps) {
+  const size_t L = Bs.size();
+  TORCH_CHECK_VALUE(L > 0, "agl: `Bs` must hold at least one layer, got an empty list");
+  check_list_len(As.size(), L, "As", false);
+  check_list_len(scales.size(), L, "scales", false);
+  check_list_len(B_aligns.size(), L, "B_aligns", true);
+  check_list_len(A_aligns.size(), L, "A_aligns", true);
+  check_list_len(Us.size(), L, "Us", true);
+  check_list_len(Vs.size(), L, "Vs", true);
+  check_list_len(fishers.size(), L, "fishers", true);
+  check_list_len(task_metrics.size(), L, "task_metrics", true);
+  Call c;
+  c.op = "agl::terms_grouped";
+  c.first = "Bs[0]";
+  c.params(beta, tau, sharpness, eps);
+  c.project = Us.size() > 0 || Vs.size() > 0;
+  c.layers.reserve(L);
+  for (size_t l = 0; l < L; ++l) {
+    const Names nm = Names::layer(l);
+    const optional<Tensor> Ba = entry(B_aligns, l), Aa = entry(A_aligns, l);
+    TORCH_CHECK_VALUE(!(c.project && (Ba || Aa)), "agl: give either `B_aligns`/`A_aligns` or `Us`/`Vs`, not both (",
+                      Ba ? nm.B_align : nm.A_align, " is set while `Us`/`Vs` are given)");
+    c.add(prepare(Bs[l], As[l], Ba, Aa, entry(fishers, l), entry(task_metrics, l), std::nullopt, scales[l], nm));
+    Prepared& p = c.layers.back();
+    TORCH_CHECK_VALUE(p.B.device() == Bs[0].device(), "agl: `", nm.B, "` is on ", p.B.device(), " but `Bs[0]` is on ",
+                      Bs[0].device(), "; all layers must share a device");
+    if (!c.project) continue;
+    const optional<Tensor> U = entry(Us, l), V = entry(Vs, l);
+    check_projection(U, "Us[" + std::to_string(l) + "]", true, p, nm);
+    check_projection(V, "Vs[" + std::to_string(l) + "]", false, p, nm);
+    c.U.push_back(U ? U->contiguous() : Tensor());
+    c.V.push_back(V ? V->contiguous() : Tensor());
+    p.ra = p.r;  // the alignment pair has the shapes of (B, A)
+  }
+  return c;
 }
 
-// CPU: the five grads of the sums as host scalars, formed from dL/dterms and the sums.
-template <typename T, typename Acc>
-TermsGrads<T, Acc> make_grads(const Tensor& grad_terms, const Tensor& sums, const Prepared& p, BwdOut& o) {
-  Acc gt[kNumTerms], S[kNumSums];
-  host_values(grad_terms, gt);
-  host_values(sums, S);
-  TermsGrads<T, Acc> gr = grads_outputs<T, Acc>(o);
-  grad_sums_from_grad_terms(S, gt, static_cast<Acc>(p.m) * static_cast<Acc>(p.n), static_cast<Acc>(p.eps), gr.gs);
-  return gr;
+template <std::tuple<Tensor, Tensor> (*Fwd)(Call&)>
+std::tuple<Tensor, Tensor> grouped_fwd(TensorList Bs, TensorList As, const OptList& B_aligns, const OptList& A_aligns,
+                                       const OptList& Us, const OptList& Vs, const OptList& fishers,
+                                       const OptList& task_metrics, at::ArrayRef<double> scales, double beta,
+                                       double tau, double sharpness, double eps) {
+  Call c = grouped_call(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness, eps);
+  return Fwd(c);
 }
 
-std::tuple<Tensor, Tensor> terms_fwd_cpu_impl(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
-                                              const optional<Tensor>& A_align, const optional<Tensor>& fisher,
-                                              const optional<Tensor>& task_metric,
-                                              const optional<Tensor>& align_mask, double scale, double beta,
-                                              double tau, double sharpness, double eps) {
-  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
-  TORCH_CHECK_VALUE(p.B.device().is_cpu(), "agl::terms_fwd (CPU kernel): `B` is on ", p.B.device());
-  Tensor sums = at::empty({kNumSums}, p.B.options().dtype(p.acc));
-  Tensor terms = at::empty({kNumTerms}, p.B.options().dtype(p.acc));
-  dispatch(p, [&](auto c) {
-    using C = decltype(c);
-    using Acc = typename C::acc;
-    auto a = make_args<typename C::t, typename C::tm, Acc>(p);
-    Acc* S = static_cast<Acc*>(sums.data_ptr());
-    terms_fwd_cpu(a, S);
-    terms_from_sums(S, static_cast<Acc>(p.m) * static_cast<Acc>(p.n), a.eps, static_cast<Acc*>(terms.data_ptr()));
-  });
-  return {terms, sums};
+template <std::vector<LayerGrads> (*Bwd)(Call&, const Tensor&, const Tensor&)>
+Lists grouped_bwd(const Tensor& grad_terms, const Tensor& sums, TensorList Bs, TensorList As, const OptList& B_aligns,
+                  const OptList& A_aligns, const OptList& Us, const OptList& Vs, const OptList& fishers,
+                  const OptList& task_metrics, at::ArrayRef<double> scales, double beta, double tau, double sharpness,
+                  double eps) {
+  Call c = grouped_call(Bs, As, B_aligns, A_aligns, Us, Vs, fishers, task_metrics, scales, beta, tau, sharpness, eps);
+  check_incoming(grad_terms, kNumTerms, "grad_terms", c);
+  check_incoming(sums, kNumSums, "sums", c);
+  Lists o;
+  for (const LayerGrads& g : Bwd(c, grad_terms, sums)) {
+    std::get<0>(o).push_back(g.out.dB);
+    std::get<1>(o).push_back(g.out.dA);
+    std::get<2>(o).push_back(g.out.dBa);
+    std::get<3>(o).push_back(g.out.dAa);
+  }
+  return o;
 }
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> terms_bwd_cpu_impl(
-    const Tensor& grad_terms, const Tensor& sums, const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
-    const optional<Tensor>& A_align, const optional<Tensor>& fisher, const optional<Tensor>& task_metric,
-    const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness, double eps) {
-  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
-  check_vector(grad_terms, kNumTerms, "grad_terms", p);
-  check_vector(sums, kNumSums, "sums", p);
-  BwdOut o = alloc_bwd(p);
-  dispatch(p, [&](auto c) {
-    using C = decltype(c);
-    using T = typename C::t;
-    using Acc = typename C::acc;
-    auto a = make_args<T, typename C::tm, Acc>(p);
-    auto gr = make_grads<T, Acc>(grad_terms, sums, p, o);
-    terms_bwd_cpu(a, gr);
-  });
-  return {o.dB, o.dA, o.dBa, o.dAa};
-}
-
-#ifdef AGL_WITH_CUDA
-std::tuple<Tensor, Tensor> terms_fwd_cuda_impl(const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
-                                               const optional<Tensor>& A_align, const optional<Tensor>& fisher,
-                                               const optional<Tensor>& task_metric,
-                                               const optional<Tensor>& align_mask, double scale, double beta,
-                                               double tau, double sharpness, double eps) {
-  TORCH_CHECK_VALUE(B.is_cuda(), "agl::terms_fwd (CUDA kernel): `B` is on ", B.device());
-  c10::cuda::CUDAGuard guard(B.device());
-  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
-  Tensor terms = at::empty({kNumTerms}, p.B.options().dtype(p.acc));
-  Tensor sums = at::empty({kNumSums}, p.B.options().dtype(p.acc));
-  dispatch(p, [&](auto c) {
-    using C = decltype(c);
-    using Acc = typename C::acc;
-    auto a = make_args<typename C::t, typename C::tm, Acc>(p);
-    const size_t ws = terms_fwd_cuda_workspace(a);
-    Tensor work = at::empty({static_cast<int64_t>(ws)}, p.B.options().dtype(at::kByte));
-    terms_fwd_cuda(a, static_cast<Acc*>(terms.data_ptr()), static_cast<Acc*>(sums.data_ptr()),
-                   ws ? work.data_ptr() : nullptr, static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
-  });
-  return {terms, sums};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> terms_bwd_cuda_impl(
-    const Tensor& grad_terms, const Tensor& sums, const Tensor& B, const Tensor& A, const optional<Tensor>& B_align,
-    const optional<Tensor>& A_align, const optional<Tensor>& fisher, const optional<Tensor>& task_metric,
-    const optional<Tensor>& align_mask, double scale, double beta, double tau, double sharpness, double eps) {
-  TORCH_CHECK_VALUE(B.is_cuda(), "agl::terms_bwd (CUDA kernel): `B` is on ", B.device());
-  c10::cuda::CUDAGuard guard(B.device());
-  Prepared p = prepare(B, A, B_align, A_align, fisher, task_metric, align_mask, scale, beta, tau, sharpness, eps);
-  check_vector(grad_terms, kNumTerms, "grad_terms", p);
-  check_vector(sums, kNumSums, "sums", p);
-  BwdOut o = alloc_bwd(p);
-  // The kernels read dL/dterms and the sums from device memory: converted (and made contiguous) on the device, in
-  // stream order, so a backward never waits for a device->host copy. No-ops when already Acc and contiguous.
-  const Tensor gt_dev = grad_terms.detach().to(p.acc).contiguous();
-  const Tensor S_dev = sums.detach().to(p.acc).contiguous();
-  dispatch(p, [&](auto c) {
-    using C = decltype(c);
-    using T = typename C::t;
-    using Acc = typename C::acc;
-    auto a = make_args<T, typename C::tm, Acc>(p);
-    auto gr = grads_outputs<T, Acc>(o);
-    gr.gt_dev = static_cast<const Acc*>(gt_dev.data_ptr());
-    gr.S_dev = static_cast<const Acc*>(S_dev.data_ptr());
-    const size_t ws = terms_bwd_cuda_workspace(a);
-    Tensor work = at::empty({static_cast<int64_t>(ws)}, p.B.options().dtype(at::kByte));
-    terms_bwd_cuda(a, gr, ws ? work.data_ptr() : nullptr,
-                   static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
-  });
-  return {o.dB, o.dA, o.dBa, o.dAa};
-}
-#endif
 
 }  // namespace
 
@@ -175,51 +184,25 @@ TORCH_LIBRARY(agl, m) {
       "terms_bwd(Tensor grad_terms, Tensor sums, Tensor B, Tensor A, Tensor? B_align, Tensor? A_align, "
       "Tensor? fisher, Tensor? task_metric, Tensor? align_mask, float scale, float beta, float tau, float sharpness, "
       "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("terms_grouped_fwd(" AGL_GROUPED_INPUTS ") -> (Tensor, Tensor)");
+  m.def("terms_grouped_bwd(Tensor grad_terms, Tensor sums, " AGL_GROUPED_INPUTS
+        ") -> (Tensor[], Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(agl, CPU, m) {
-  m.impl("terms_fwd", &terms_fwd_cpu_impl);
-  m.impl("terms_bwd", &terms_bwd_cpu_impl);
+  m.impl("terms_fwd", &terms_fwd<fwd_cpu>);
+  m.impl("terms_bwd", &terms_bwd<bwd_cpu>);
+  m.impl("terms_grouped_fwd", &grouped_fwd<fwd_cpu>);
+  m.impl("terms_grouped_bwd", &grouped_bwd<bwd_cpu>);
 }
 
 #ifdef AGL_WITH_CUDA
 TORCH_LIBRARY_IMPL(agl, CUDA, m) {
-  m.impl("terms_fwd", &terms_fwd_cuda_impl);
-  m.impl("terms_bwd", &terms_bwd_cuda_impl);
+  m.impl("terms_fwd", &terms_fwd<fwd_cuda>);
+  m.impl("terms_bwd", &terms_bwd<bwd_cuda>);
+  m.impl("terms_grouped_fwd", &grouped_fwd<fwd_cuda>);
+  m.impl("terms_grouped_bwd", &grouped_bwd<bwd_cuda>);
 }
 #endif
 
 }  // namespace agl
-
-// ---- Python module: importing agl._C runs the static registrations above. ----
-namespace {
-
-PyObject* agl_with_cuda(PyObject*, PyObject*) {
-#ifdef AGL_WITH_CUDA
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
-
-// (enabled, name): whether the opt-in single-launch CUDA grouped implementation is switched on, and its name (None
-// when no implementation is registered in this build).
-PyObject* agl_cuda_grouped_status(PyObject*, PyObject*) {
-  const auto st = agl::cuda_grouped_status();
-  if (st.second == nullptr) return Py_BuildValue("(OO)", st.first ? Py_True : Py_False, Py_None);
-  return Py_BuildValue("(Os)", st.first ? Py_True : Py_False, st.second);
-}
-
-PyMethodDef agl_methods[] = {
-    {"with_cuda", agl_with_cuda, METH_NOARGS, "True when this build compiled the CUDA kernels of agl::terms_*."},
-    {"cuda_grouped_status", agl_cuda_grouped_status, METH_NOARGS,
-     "(enabled, name) of the opt-in single-launch CUDA implementation of agl::terms_grouped_*."},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyModuleDef agl_module = {PyModuleDef_HEAD_INIT, "_C",
-                          "agl's compiled kernels: importing registers torch.ops.agl.terms_* (per layer and grouped).", -1,
-                          agl_methods};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&agl_module); }

@@ -18,7 +18,7 @@ from agl import _load
 SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
 
 
-_SETUP_HELPERS = ("_log", "_real_cuda_home", "_want_cuda", "_drop_stale_extension", "_mem_available_gib", "_max_jobs",
+_SETUP_HELPERS = ("_log", "_real_cuda_home", "_want_cuda", "_bench_ops", "_drop_stale_extension", "_mem_available_gib", "_max_jobs",
                   "_code_state", "_write_build_info")
 
 
@@ -131,17 +131,34 @@ def test_setup_refuses_a_silent_cpu_only_build(monkeypatch):
     assert ns["_want_cuda"](_fake_torch("13.0")) is True
 
 
-def test_setup_drops_an_extension_built_the_other_way(tmp_path):
-    """build_ext keeps an up-to-date library whatever flags built it; setup.py removes one of the other kind."""
+def _built_tree(tmp_path, build_info: str):
+    """setup.py's helpers rooted at tmp_path, which holds a built library and ``build_info`` as its record."""
     ns = _setup_helpers()
     ns["ROOT"] = tmp_path
     (tmp_path / "agl").mkdir()
     so = tmp_path / "agl" / "_C.cpython-311-x86_64-linux-gnu.so"
     so.write_bytes(b"\x7fELF")
-    (tmp_path / "agl" / "_build_info.py").write_text("WITH_CUDA = False\n")
+    (tmp_path / "agl" / "_build_info.py").write_text(build_info)
+    return ns, so
+
+
+def test_setup_drops_an_extension_built_the_other_way(tmp_path):
+    """build_ext keeps an up-to-date library whatever flags built it; setup.py removes one of the other kind."""
+    ns, so = _built_tree(tmp_path, "WITH_CUDA = False\n")
     ns["_drop_stale_extension"](False)  # same kind: kept
     assert so.exists()
     ns["_drop_stale_extension"](True)  # a CPU-only library where a CUDA one is wanted: removed, so it is rebuilt
+    assert not so.exists()
+
+
+def test_setup_drops_an_extension_with_other_bench_ops(tmp_path, monkeypatch):
+    """A bench/test build (AGL_BENCH_OPS=1) and a plain one differ in their sources: build_ext would keep either."""
+    ns, so = _built_tree(tmp_path, "WITH_CUDA = False\nBENCH_OPS = True\n")
+    monkeypatch.setenv("AGL_BENCH_OPS", "1")
+    ns["_drop_stale_extension"](False)  # the same build: kept
+    assert so.exists()
+    monkeypatch.delenv("AGL_BENCH_OPS")
+    ns["_drop_stale_extension"](False)  # a plain build over a bench one: removed
     assert not so.exists()
 
 

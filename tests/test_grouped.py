@@ -11,8 +11,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from agl import ops  # noqa: E402
+from agl import _checks, ops  # noqa: E402
+from agl._checks import check_grouped, grouped_lists  # noqa: E402
 from agl.functional import agl_terms, agl_terms_grouped  # noqa: E402
+from test_ops import assert_same_rule  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="agl's C++ extension is not built")
 
@@ -358,6 +360,19 @@ def test_bad_input_raw_ops(case, op):
         _call_raw(kw, op)
 
 
+# the Python validator of the torch backend (agl._checks) against the C++ glue, case by case (see tests/test_ops.py)
+@pytest.mark.parametrize("case", [c for c in _bad_cases() if c not in ("empty", "device", "layer_device")])
+def test_python_checks_apply_the_cpp_rules(case):
+    kw = _bad_cases()[case][0]
+    with pytest.raises(_ERRORS) as cpp:
+        _call_raw(kw, "fwd")
+    with pytest.raises(_ERRORS) as py:
+        x = grouped_lists(kw["Bs"], kw["As"], *(kw.get(k) for k in _checks._LISTS), kw["scales"])
+        check_grouped(*(x[k] for k in ("Bs", "As") + _checks._LISTS + ("scales",)), 4.0, 0.01,
+                      kw.get("sharpness", 100.0), 1e-12)
+    assert_same_rule(cpp.value, py.value)
+
+
 def test_bad_structure_names_the_list():
     B, A = [torch.randn(4, 2)], [torch.randn(2, 5)]
     with pytest.raises(TypeError, match="`Bs`"):
@@ -381,6 +396,7 @@ def test_bad_grad_terms_or_sums_raw(which, shape):
 
 
 # ---- the null provider and the CUDA switch ----
+@pytest.mark.skipif(not ops.has_null_ops(), reason="not a bench/test build (AGL_BENCH_OPS=1)")
 def test_null_provider_allocates_and_differentiates():
     layers = make_layers(LAYERS[:3])
     Bs = [x["B"].clone().requires_grad_() for x in layers]

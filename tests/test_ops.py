@@ -1,10 +1,13 @@
 """The fused op (torch.ops.agl.terms_fwd / terms_bwd through agl.functional.agl_terms) against the reference."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from agl import ops, reference
+from agl._checks import check_inputs
 from agl.functional import agl_terms
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="agl's C++ extension is not built")
@@ -320,18 +323,42 @@ def test_bad_input_api(case):
         agl_terms(B, A, Ba, Aa, backend="kernel", **kw)
 
 
+def _raw_args(kw):
+    return [kw["B"], kw["A"], kw.get("B_align"), kw.get("A_align"), kw.get("fisher"), kw.get("task_metric"),
+            kw.get("align_mask"), kw.get("scale", 1.0), kw.get("beta", 4.0), kw.get("tau", 0.01),
+            kw.get("sharpness", 100.0), kw.get("eps", 1e-12)]
+
+
 @pytest.mark.parametrize("case", list(_bad_cases()))
 @pytest.mark.parametrize("op", ["fwd", "bwd"])
 def test_bad_input_raw_ops(case, op):
     kw, name = _bad_cases()[case]
-    args = [kw["B"], kw["A"], kw.get("B_align"), kw.get("A_align"), kw.get("fisher"), kw.get("task_metric"),
-            kw.get("align_mask"), kw.get("scale", 1.0), kw.get("beta", 4.0), kw.get("tau", 0.01),
-            kw.get("sharpness", 100.0), kw.get("eps", 1e-12)]
+    args = _raw_args(kw)
     with pytest.raises(_ERRORS, match=f"`{name}`"):
         if op == "fwd":
             torch.ops.agl.terms_fwd(*args)
         else:
             torch.ops.agl.terms_bwd(torch.ones(4), torch.ones(5), *args)
+
+
+def assert_same_rule(cpp: Exception, py: Exception) -> None:
+    """The C++ glue (csrc/agl_glue.cpp) and agl._checks (the pure-torch backend's and the fakes' validator) apply one
+    table of rules: the same exception type, and the same message up to the offending values ("got ...") but for how
+    the two languages print a shape or a dtype (in parentheses)."""
+    assert type(cpp) is type(py), (cpp, py)
+    rule = lambda e: re.sub(r"\([^()]*\)", "()", str(e))  # noqa: E731
+    assert rule(cpp).startswith(rule(py).split(" got ")[0]), (str(cpp), str(py))
+
+
+# (the "device" cases mix a meta tensor in: the dispatcher sends them to the fake, which runs agl._checks itself)
+@pytest.mark.parametrize("case", [c for c in _bad_cases() if not c.startswith("device")])
+def test_python_checks_apply_the_cpp_rules(case):
+    args = _raw_args(_bad_cases()[case][0])
+    with pytest.raises(_ERRORS) as cpp:
+        torch.ops.agl.terms_fwd(*args)
+    with pytest.raises(_ERRORS) as py:
+        check_inputs(*args)
+    assert_same_rule(cpp.value, py.value)
 
 
 _BAD_VECTORS = [torch.ones(5), torch.ones(4, 1), torch.ones(3), torch.ones(4, dtype=torch.int32)]

@@ -176,6 +176,14 @@ def fisher() -> str:
         notes.append(f"\nNot shown: hidden {r['hidden']} with {r['threads']} threads ({r['speedup']:.1f}×): "
                      f"{r['caveat']}. Against the 1-thread loop, its hooks ({hooks:.1f} samples/s) are "
                      f"{hooks / fair['samples_per_s']:.1f}× faster.")
+    cross = [r for r in rows if r.get("cross_cost") is not None]
+    if cross:
+        c = pick(cross)
+        notes.append(f"\nWith the cross-layer curvature (`cross_curvature=True`: a second pass storing C = Uᵀ G V per "
+                     f"sample), hidden {c['hidden']}, {c['layers']} layers, {c['samples']} × {c['seq']}, "
+                     f"{c['threads']} thread(s): {c['cross_cost']:.2f}× the time of the Fisher alone (goal ≤ 2×; "
+                     f"{describe(c['provenance'])}).")
+        shown = shown + [c]
     return text + "".join(notes) + ("\n" if notes else "") + sources(shown, path)
 
 
@@ -325,10 +333,73 @@ def fsdp_memory() -> str:
                    + sources(shown + [pick(rows, kind="arithmetic", world=8, rank=0)], path))
 
 
+CURVATURE = "2026-12-05-curvature"
+
+
+def curvature_prediction() -> str:
+    """Rule 8: median measured/predicted ΔL_align per curvature over every logged point of the curvature run's
+    fine-tunes (LoRA, diagonal AGL, EWC, the cross-curvature grid and budgets), with the goal."""
+    path = DOCS / CURVATURE / "prediction.json"
+    P = json.loads(path.read_text())
+    what = {"diagonal": "diagonal Fisher on ΔW_A (`align_nats` before)", "diagonal_full": "diagonal Fisher on ΔW (EWC)",
+            "cross": "cross-layer empirical Fisher on ΔW_A (`curvature=\"cross\"`)"}
+    rows = []
+    for k, label in what.items():
+        q = P.get(k)
+        if not q:
+            continue
+        lo, hi = q["ci95"]
+        med = q["median_ratio"]
+        met = 0.5 <= med <= 2 and q["spearman"] >= 0.8
+        per = ", ".join(f"{m} {v:.3g}" for m, v in q["per_method"].items())
+        rows.append([label, str(q["n_points"]), f"{med:.3g} [{lo:.3g}, {hi:.3g}]", f"{q['spearman']:.2f}",
+                     "**met**" if met else "missed", per])
+    rel = path.relative_to(ROOT).as_posix()
+    return (table(["predictor", "points", "median measured / predicted (95% CI)", "Spearman ρ",
+                   "goal [0.5, 2], ρ ≥ 0.8", "per run (median)"], rows)
+            + f"\nRows: `{rel}`; {describe(P['provenance'])}.\n")
+
+
+def curvature_decomposition() -> str:
+    """Issue 17 item 1: held-out measured ΔL_align over each predictor (computed on the Fisher samples), median over
+    the checkpoints of each kind of run."""
+    path = DOCS / CURVATURE / "decomposition.json"
+    rows_in = json.loads(path.read_text())
+    kinds = list(dict.fromkeys(r["run"].rsplit("-s", 1)[0] for r in rows_in))
+    keys = [("diag_A", "diagonal, ΔW_A"), ("diag_full", "diagonal, ΔW"), ("kfac", "K-FAC per layer"),
+            ("block", "exact per-layer blocks"), ("cross_A", "cross-layer, projected on U/V"),
+            ("cross", "cross-layer, full G"), ("gauss_newton", "Gauss–Newton along ΔW"),
+            ("hess", "½ d²L/dε² (exact)")]
+
+    def med(vals):
+        vals = sorted(vals)
+        n = len(vals)
+        return None if not n else (vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2]))
+
+    out = []
+    for key, label in keys:
+        cells = []
+        for kind in kinds:
+            sel = [r for r in rows_in if r["run"].rsplit("-s", 1)[0] == kind and r["fisher"][key] > 0]
+            v = med([r["heldout"]["measured"] / r["fisher"][key] for r in sel])
+            cells.append("–" if v is None else f"{v:.3g}")
+        out.append([label] + cells)
+    first = []
+    for kind in kinds:
+        sel = [r for r in rows_in if r["run"].rsplit("-s", 1)[0] == kind]
+        f = med([r["heldout"]["first_order"] / r["heldout"]["measured"] for r in sel if r["heldout"]["measured"] > 0])
+        first.append("–" if f is None else f"{100 * f:.0f}%")
+    out.append(["first-order ∇L·ΔW on held-out, share of measured"] + first)
+    rel = path.relative_to(ROOT).as_posix()
+    return (table(["held-out measured ΔL_align / predictor"] + kinds, out)
+            + f"\n{len(rows_in)} checkpoints; rows: `{rel}`; {describe(rows_in[0]['provenance'])}.\n")
+
+
 TABLES: Dict[str, Callable[[], str]] = {
     "h200-ops": h200_ops, "cpu-ops": cpu_ops, "agl-loss": agl_loss, "fisher": fisher, "driftcaps": driftcaps,
     "demo": demo, "experiment": experiment, "fsdp-memory": fsdp_memory, "calibrated": calibrated,
-    "term-sweeps": term_sweeps, "prediction": prediction,
+    "term-sweeps": term_sweeps, "prediction": prediction, "curvature-prediction": curvature_prediction,
+    "curvature-decomposition": curvature_decomposition,
 }
 
 

@@ -30,11 +30,20 @@ def main(argv):
     for spec in argv:
         tag, out = spec.split("=", 1)
         ft = os.path.join(out, "finetune")
+        state = os.path.realpath(os.path.join(out, "alignment_state"))
         for run in sorted(os.listdir(ft)):
             real = os.path.realpath(os.path.join(ft, run))
-            if run.startswith(".") or real in seen or not os.path.exists(os.path.join(real, "train_log.json")):
+            log = os.path.join(real, "train_log.json")
+            if run.startswith(".") or not os.path.exists(log):
                 continue
-            seen.add(real)
+            with open(log) as fh:
+                L = json.load(fh)
+            # one fine-tune counts once: a symlinked stage, or a run with the same state, settings and seed
+            # (a main method and the grid point it equals, trained twice under two names)
+            ident = (state, json.dumps(L.get("settings"), sort_keys=True), L.get("seed"), "projection" in L)
+            if real in seen or ident in seen:
+                continue
+            seen.update({real, ident})
             paths[f"finetune/{tag}:{run}"] = real
     P = prediction_section(_Cfg, paths)
     # a point's method is its run's label ("agl" means different settings in the two outputs)

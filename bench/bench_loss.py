@@ -73,7 +73,7 @@ class _PerLayer:
     """The pre-grouped AGLLoss path, for comparison: one agl_terms call and two projection matmuls per layer."""
 
     @staticmethod
-    def term_matrix(loss, backend):
+    def term_matrix(loss, backend, factors=None):
         from agl.functional import agl_terms
 
         c, rows = loss.config, []

@@ -144,7 +144,8 @@ def cpu_ops() -> str:
 # ------------------------------------------------------------------------------------------------ other benches
 def agl_loss() -> str:
     path = BENCH / "bench_loss.json"
-    row = pick(read_rows(path), bench="agl_loss_overhead", threads=2, batch=2, seq=128, layers=30)
+    rows = read_rows(path)
+    row = pick(rows, bench="agl_loss_overhead", threads=2, batch=2, seq=128, layers=30, rank=16)
     out = []
     for name, r in row["results"].items():
         reg = r.get("regularizer_fwd_bwd_s")
@@ -152,8 +153,15 @@ def agl_loss() -> str:
                     "–" if reg is None else f"{reg:.2f} s"])
     text = table(["configuration", "step (median)", "overhead, wall", "overhead, CPU time",
                   "regulariser fwd+bwd alone"], out)
-    return (text + f"\n{row['layers']} layers, LoRA r8 on q/k/v/o, batch {row['batch']} × {row['seq']} tokens, "
-            f"{row['threads']} threads, median of {row['steps']} steps." + sources([row], path))
+    note = ""
+    wide = matching(rows, bench="agl_loss_overhead", threads=2, batch=2, seq=128, layers=30, rank=64)
+    if wide:
+        w = pick(wide)
+        note = (" With subspaces of rank 64 (the real states' cap): " + ", ".join(
+            f"{n} {r['overhead_pct']:+.1f}%" for n, r in w["results"].items() if n != "plain LoRA") + ".")
+    return (text + f"\n{row['layers']} layers, LoRA r8 on q/k/v/o, subspaces of rank {row.get('rank', 16)}, batch "
+            f"{row['batch']} × {row['seq']} tokens, {row['threads']} threads, median of {row['steps']} steps." + note
+            + sources([row] + ([w] if wide else []), path))
 
 
 def fisher() -> str:

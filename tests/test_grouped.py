@@ -13,77 +13,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from agl import _checks, ops  # noqa: E402
 from agl._checks import check_grouped, grouped_lists  # noqa: E402
-from agl.functional import agl_terms, agl_terms_grouped  # noqa: E402
+from agl.functional import agl_terms_grouped  # noqa: E402
+from agl.testing import (BF16, F16, F32, F64, assert_close_float32, assert_close_float64,  # noqa: E402
+                         assert_low_precision_rule, random_layers, run_grouped, run_per_layer)
 from test_ops import assert_same_rule  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="agl's C++ extension is not built")
 
-F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 # Layers of one call: (m, n, r, r' (None: no align pair), factor dtype, fisher?, task metric?) - odd shapes (1 x 1,
 # tails of the 16-wide lanes, r = 1, r' != r, more rows than chunks), mixed dtypes, per-layer None.
 LAYERS = [(7, 129, 3, 2, F32, True, True), (1, 1, 1, 1, F32, False, False), (129, 7, 1, None, F32, True, False),
           (300, 40, 8, 16, F32, True, True), (33, 70, 5, 4, BF16, True, False), (20, 18, 2, 3, F16, False, True)]
 # A layer big enough (>= 2^20 elements in the call) that the CPU call runs in a parallel region.
 BIG = (1100, 960, 4, 3, F32, True, True)
-
-
-def make_layers(specs, seed=0, dtype=None):
-    """Per-layer inputs whose D entries straddle tau = 0.01 (eta's sigmoid neither flat 0 nor flat 1)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for m, n, r, ra, dt, fisher, task in specs:
-        dt = dtype or dt
-        c = 0.35 / max(r, 1) ** 0.25
-
-        def rnd(*shape):
-            return (torch.randn(*shape, generator=g, dtype=F64) * c).to(dt)
-
-        x = dict(B=rnd(m, r), A=rnd(r, n), Ba=None, Aa=None, F=None, H=None)
-        if ra is not None:
-            x["Ba"], x["Aa"] = rnd(m, ra), rnd(ra, n)
-        mdt = F32 if dt in (BF16, F16) else dt
-        if fisher:
-            x["F"] = (torch.rand(m, n, generator=g, dtype=F64) * 2).to(mdt)
-        if task:
-            x["H"] = (torch.rand(m, n, generator=g, dtype=F64) * 2).to(mdt)
-        out.append(x)
-    return out
-
-
-def scales_for(layers):
-    return [0.7 + 0.1 * l for l in range(len(layers))]
-
-
-def weights_for(L, seed=1):
-    return torch.rand(L, 4, generator=torch.Generator().manual_seed(seed), dtype=F64) * 3 + 0.5
-
-
-def run_grouped(layers, backend="kernel", project=None, weights=None):
-    """(L, 4) terms and the grads of sum(W * terms) (random W: the loss is not the last op) w.r.t. every factor."""
-    keys = ("B", "A", "Ba", "Aa") if project is None else ("B", "A")  # Us/Vs: the op forms the align pairs
-    fac = [{k: (None if x[k] is None else x[k].detach().clone().requires_grad_()) for k in keys} for x in layers]
-    kw = dict(fishers=[x["F"] for x in layers], task_metrics=[x["H"] for x in layers], scales=scales_for(layers))
-    if project is None:
-        kw.update(B_aligns=[f["Ba"] for f in fac], A_aligns=[f["Aa"] for f in fac])
-    else:
-        kw.update(Us=project[0], Vs=project[1])
-    T = agl_terms_grouped([f["B"] for f in fac], [f["A"] for f in fac], backend=backend, **kw)
-    W = weights_for(len(layers)) if weights is None else weights
-    flat = [t for f in fac for t in f.values() if t is not None]
-    grads = torch.autograd.grad((T * W.to(T)).sum(), flat)
-    return T.detach(), list(grads)
-
-
-def run_per_layer(layers, weights=None):
-    """The same, one agl_terms call per layer (the row of W in the layer's own dtype, as autograd would give it)."""
-    W = weights_for(len(layers)) if weights is None else weights
-    rows, grads = [], []
-    for l, (x, s) in enumerate(zip(layers, scales_for(layers))):
-        fs = [None if x[k] is None else x[k].detach().clone().requires_grad_() for k in ("B", "A", "Ba", "Aa")]
-        t = torch.stack(list(agl_terms(*fs, fisher=x["F"], task_metric=x["H"], scale=s, backend="kernel")))
-        rows.append(t.detach())
-        grads += torch.autograd.grad((t * W[l].to(t)).sum(), [f for f in fs if f is not None])
-    return rows, grads
 
 
 def with_threads(n, fn, *args, **kw):
@@ -99,7 +41,7 @@ def with_threads(n, fn, *args, **kw):
 @pytest.mark.parametrize("with_f64", [False, True], ids=["f32out", "f64out"])
 def test_bitwise_equal_to_per_layer_calls_any_thread_count(big, with_f64):
     specs = LAYERS + ([BIG] if big else []) + ([(9, 23, 2, 2, F64, True, True)] if with_f64 else [])
-    layers = make_layers(specs)
+    layers = random_layers(specs)
     rows, grads = with_threads(2, run_per_layer, layers)
     for threads in (1, 2):
         T, gg = with_threads(threads, run_grouped, layers)
@@ -112,7 +54,7 @@ def test_bitwise_equal_to_per_layer_calls_any_thread_count(big, with_f64):
 
 
 def test_non_contiguous_inputs_bitwise_equal_to_contiguous():
-    layers = make_layers(LAYERS[:4])
+    layers = random_layers(LAYERS[:4])
     nc = []
     for x in layers:
         y = dict(x)
@@ -143,21 +85,18 @@ def _proj(layers, seed=3, none_every=3):
 
 @pytest.mark.parametrize("project", [False, True], ids=["aligns", "Us_Vs"])
 def test_matches_reference_float64(project):
-    layers = make_layers(LAYERS, dtype=F64)
+    layers = random_layers(LAYERS, dtype=F64)
     p = _proj(layers) if project else None
     kt, kg = run_grouped(layers, "kernel", p)
     rt, rg = run_grouped(layers, "torch", p)
     assert kt.dtype == rt.dtype == F64
-    torch.testing.assert_close(kt, rt, rtol=1e-10, atol=1e-14)
-    for a, b in zip(kg, rg):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+    assert_close_float64(kt, kg, rt, rg)
 
 
 @pytest.mark.parametrize("project", [False, True], ids=["aligns", "Us_Vs"])
 def test_gradcheck_float64(project):
-    layers = make_layers([(5, 6, 2, 3, F64, True, True), (4, 3, 1, None, F64, False, True),
-                          (3, 7, 2, 1, F64, True, False)], seed=4)
+    layers = random_layers([(5, 6, 2, 3, F64, True, True), (4, 3, 1, None, F64, False, True),
+                            (3, 7, 2, 1, F64, True, False)], seed=4)
     Us, Vs = _proj(layers) if project else (None, None)
     fs, where = [], []
     for l, x in enumerate(layers):
@@ -180,21 +119,13 @@ def test_gradcheck_float64(project):
 
 @pytest.mark.parametrize("project", [False, True], ids=["aligns", "Us_Vs"])
 def test_float32_tight(project):
-    layers64 = make_layers(LAYERS[:4], dtype=F64)
+    layers64 = random_layers(LAYERS[:4], dtype=F64)
     layers32 = [{k: (None if v is None else v.float()) for k, v in x.items()} for x in layers64]
     p = _proj(layers64) if project else None
     p32 = None if p is None else tuple([None if t is None else t.float() for t in ts] for ts in p)
     rt, rg = run_grouped(layers64, "torch", p)
     kt, kg = run_grouped(layers32, "kernel", p32)
-    assert kt.dtype == F32
-    torch.testing.assert_close(kt.double(), rt, rtol=2e-5, atol=1e-9)
-    for k, r in zip(kg, rg):
-        assert k.dtype == F32
-        torch.testing.assert_close(k.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item() + 1e-12)
-
-
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
+    assert_close_float32(kt, kg, rt, rg)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
@@ -204,7 +135,7 @@ def test_low_precision_rule(dtype, project):
     dtype (+ a tiny floor); everything finite. With Us/Vs the op rounds the projected pair to the factor dtype once
     (as if it had been passed in): the references get that pair, the kernel forms it itself."""
     specs = [(64, 96, 8, 6, dtype, True, True), (40, 33, 4, 2, dtype, True, False)]
-    q = make_layers(specs)  # the quantised inputs
+    q = random_layers(specs)  # the quantised inputs
     p = _proj(q, none_every=5) if project else None
     if project:
         for x, U, V in zip(q, *p):
@@ -218,13 +149,9 @@ def test_low_precision_rule(dtype, project):
     if project:  # the grads of B and A only (the op chains the pair's grads into them): the references' chained
         rg, lg = (_chain(gs, q64, p) for gs in (rg, lg))
     assert kt.dtype == F32 and torch.isfinite(kt).all()
-    for l in range(len(q)):
-        for c in range(4):
-            assert _err(kt[l, c], rt[l, c]) <= 2 * _err(lt[l, c], rt[l, c]) + 1e-6 * rt[l, c].abs().item() + 1e-12
-    for k, lo, r in zip(kg, lg, rg):
-        assert k.dtype == dtype and torch.isfinite(k).all()
-        lo = lo.to(dtype)  # the reference's own low-precision result
-        assert _err(k, r) <= 2 * _err(lo, r) + 1e-6 * r.abs().max().item()
+    assert all(k.dtype == dtype and torch.isfinite(k).all() for k in kg)
+    lg = [lo.to(dtype) for lo in lg]  # the reference's own low-precision result
+    assert_low_precision_rule(kt.flatten(), kg, lt.flatten(), lg, rt.flatten(), rg)
 
 
 def _chain(grads, layers, p):
@@ -240,11 +167,11 @@ def _chain(grads, layers, p):
 # ---- opcheck (schemas, fakes, autograd registration) ----
 def _op_args(sample):
     if sample == 0:  # mixed dtypes, explicit align pairs, per-layer None
-        layers = make_layers([(5, 7, 2, 3, F64, True, True), (4, 9, 3, None, F32, False, True)], seed=7)
+        layers = random_layers([(5, 7, 2, 3, F64, True, True), (4, 9, 3, None, F32, False, True)], seed=7)
         return [[x["B"] for x in layers], [x["A"] for x in layers], [x["Ba"] for x in layers],
                 [x["Aa"] for x in layers], [], [], [x["F"] for x in layers], [x["H"] for x in layers], [0.5, 1.5],
                 4.0, 0.01, 100.0, 1e-12]
-    layers = make_layers([(6, 5, 2, None, F32, True, False), (3, 4, 1, None, F32, True, False)], seed=8)
+    layers = random_layers([(6, 5, 2, None, F32, True, False), (3, 4, 1, None, F32, True, False)], seed=8)
     Us, Vs = _proj(layers, none_every=2)
     return [[x["B"] for x in layers], [x["A"] for x in layers], [], [], Us, Vs, [x["F"] for x in layers], [],
             [1.0, 2.0], 4.0, 0.01, 100.0, 1e-12]
@@ -279,7 +206,7 @@ def test_meta_shapes():
 
 
 def test_torch_compile_fullgraph_cpu():
-    layers = make_layers(LAYERS[:3])
+    layers = random_layers(LAYERS[:3])
 
     def loss(Bs, As):
         T = agl_terms_grouped(Bs, As, [x["Ba"] for x in layers], [x["Aa"] for x in layers],
@@ -398,7 +325,7 @@ def test_bad_grad_terms_or_sums_raw(which, shape):
 # ---- the null provider and the CUDA switch ----
 @pytest.mark.skipif(not ops.has_null_ops(), reason="not a bench/test build (AGL_BENCH_OPS=1)")
 def test_null_provider_allocates_and_differentiates():
-    layers = make_layers(LAYERS[:3])
+    layers = random_layers(LAYERS[:3])
     Bs = [x["B"].clone().requires_grad_() for x in layers]
     As = [x["A"].clone().requires_grad_() for x in layers]
     T = ops.agl_terms_grouped_kernel(Bs, As, [], [], [], [], [], [], [1.0] * 3, 4.0, 0.01, 100.0, 1e-12, null=True)
@@ -435,7 +362,7 @@ def test_cuda_grouped_matches_per_layer_calls(override):
     if override and st["implementation"] is None:
         pytest.skip("this build has no single-launch CUDA grouped implementation")
     specs = LAYERS + [BIG, (9, 23, 2, 2, F64, True, True)]
-    layers = _cuda(make_layers(specs))
+    layers = _cuda(random_layers(specs))
     try:
         ops.set_cuda_grouped(override)
         T, gg = run_grouped(layers)
@@ -449,7 +376,7 @@ def test_cuda_grouped_matches_per_layer_calls(override):
             assert torch.equal(T[l], row.to(T.dtype)), l
         for a, b in zip(gg, grads):
             assert a.dtype == b.dtype and torch.equal(a, b)
-    layers64 = _cuda(make_layers(specs, dtype=F64))
+    layers64 = _cuda(random_layers(specs, dtype=F64))
     for (kt, kg), p in (((T, gg), None), ((Tp, gp), _proj(layers64))):
         rt, rg = run_grouped(layers64, "torch", p)
         low = torch.tensor([s[4] in (BF16, F16) for s in specs], device=T.device)

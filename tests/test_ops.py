@@ -1,14 +1,17 @@
 """The fused op (torch.ops.agl.terms_fwd / terms_bwd through agl.functional.agl_terms) against the reference."""
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
 import torch
 
-from agl import ops, reference
+from agl import ops
 from agl._checks import check_inputs
 from agl.functional import agl_terms
+from agl.testing import (F64_GRADS, F64_TERMS, FACTORS, assert_close_float32, assert_close_float64,
+                         assert_low_precision_rule, metrics_of, random_layer, run_layer)
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="agl's C++ extension is not built")
 
@@ -17,47 +20,15 @@ SHAPES = [(1, 1, 1, 1), (7, 129, 3, 2), (129, 7, 1, 5), (33, 70, 64, 4), (300, 4
 # Which optional inputs are present.
 OPTIONS = ["plain", "fisher", "task", "fisher+task", "mask", "mask+fisher+task", "no_align"]
 LOW = [torch.float16, torch.bfloat16]
+SCALE = 0.7
+run = functools.partial(run_layer, scale=SCALE)  # terms and weighted grads of one layer (agl/testing.py)
 
 
-def make(m, n, r, ra, dtype=torch.float64, option="fisher+task", seed=0, mdtype=None, scale=0.7):
-    """Inputs whose D entries straddle tau = 0.01 (so eta's sigmoid is neither flat 0 nor flat 1)."""
-    g = torch.Generator().manual_seed(seed)
-    c = 0.35 / max(r, 1) ** 0.25
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * c).to(dtype)
-
-    mdtype = mdtype or dtype
-    x = dict(B=rnd(m, r), A=rnd(r, n), B_align=None, A_align=None, kw=dict(scale=scale))
-    if "mask" not in option and option != "no_align":
-        x["B_align"], x["A_align"] = rnd(m, ra), rnd(ra, n)
-    if "fisher" in option:
-        x["kw"]["fisher"] = (torch.rand(m, n, generator=g, dtype=torch.float64) * 2).to(mdtype)
-    if "task" in option:
-        x["kw"]["task_metric"] = (torch.rand(m, n, generator=g, dtype=torch.float64) * 2).to(mdtype)
-    if "mask" in option:
-        x["kw"]["align_mask"] = torch.rand(m, n, generator=g, dtype=torch.float64).to(mdtype)
-    return x
-
-
-def factors(x):
-    return [t for t in (x["B"], x["A"], x["B_align"], x["A_align"]) if t is not None]
-
-
-def run(x, backend, weights=None, dtype=None):
-    """Terms and the grads of sum_k w_k * term_k (random w: the loss is not the last op) w.r.t. the factors."""
-    args = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
-            for t in (x["B"], x["A"], x["B_align"], x["A_align"])]
-    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and dtype is not None else v) for k, v in x["kw"].items()}
-    if backend == "torch":
-        terms = reference.agl_terms(*args, **kw)
-    else:
-        terms = agl_terms(*args, backend="kernel", **kw)
-    if weights is None:
-        weights = torch.rand(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3 + 0.5
-    loss = sum(w * t for w, t in zip(weights.tolist(), terms))
-    grads = torch.autograd.grad(loss, [a for a in args if a is not None])
-    return [t.detach() for t in terms], list(grads)
+def make(m, n, r, ra, dtype=torch.float64, option="fisher+task", seed=0, mdtype=None):
+    """An agl.testing layer with the inputs ``option`` names (D straddles tau = 0.01)."""
+    align = "mask" not in option and option != "no_align"
+    return random_layer(torch.Generator().manual_seed(seed), m, n, r, ra if align else None, dtype=dtype,
+                        mdtype=mdtype, fisher="fisher" in option, task="task" in option, mask="mask" in option)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -66,23 +37,18 @@ def test_matches_reference_float64(shape, option):
     x = make(*shape, option=option)
     kt, kg = run(x, "kernel")
     rt, rg = run(x, "torch")
-    for k, r in zip(kt, rt):
-        assert k.dtype == torch.float64
-        torch.testing.assert_close(k, r, rtol=1e-10, atol=1e-14)
-    for k, r in zip(kg, rg):
-        assert k.shape == r.shape and k.dtype == r.dtype
-        torch.testing.assert_close(k, r, rtol=1e-9, atol=1e-13)
+    assert all(k.dtype == torch.float64 for k in kt)
+    assert_close_float64(kt, kg, rt, rg)
 
 
 @pytest.mark.parametrize("option", ["fisher+task", "mask+fisher+task", "no_align", "plain"])
 def test_gradcheck_float64(option):
-    x = make(5, 6, 2, 3, option=option, scale=1.3)
-    kw = x["kw"]
-    fs = [t.clone().requires_grad_() for t in factors(x)]
+    x = make(5, 6, 2, 3, option=option)
+    fs = [x[k].clone().requires_grad_() for k in FACTORS if x[k] is not None]
 
     def f(*fs):
         args = list(fs) + [None] * (4 - len(fs))
-        return tuple(agl_terms(*args, backend="kernel", tau=0.05, sharpness=20.0, **kw))
+        return tuple(agl_terms(*args, backend="kernel", scale=1.3, tau=0.05, sharpness=20.0, **metrics_of(x)))
 
     assert torch.autograd.gradcheck(f, fs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -91,19 +57,10 @@ def test_gradcheck_float64(option):
 @pytest.mark.parametrize("option", ["fisher+task", "mask+fisher+task", "no_align"])
 @pytest.mark.parametrize("scale", [0.7, 60.0])  # 60: eta's sigmoid saturates (exp arguments far beyond +-88)
 def test_float32_tight(shape, option, scale):
-    x = make(*shape, option=option, scale=scale)
-    rt, rg = run(x, "torch")  # float64 oracle
-    kt, kg = run(x, "kernel", dtype=torch.float32)
-    for k, r in zip(kt, rt):
-        assert k.dtype == torch.float32
-        torch.testing.assert_close(k.double(), r, rtol=2e-5, atol=1e-9)
-    for k, r in zip(kg, rg):
-        assert k.dtype == torch.float32
-        torch.testing.assert_close(k.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item() + 1e-12)
-
-
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
+    x = make(*shape, option=option)
+    rt, rg = run(x, "torch", scale=scale)  # float64 oracle
+    kt, kg = run(x, "kernel", dtype=torch.float32, scale=scale)
+    assert_close_float32(kt, kg, rt, rg)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -113,18 +70,13 @@ def test_low_precision_rule(dtype, option, mdtype):
     """Kernel error vs a float64 reference <= 2x the reference's own error in that dtype (+ a tiny floor)."""
     x = make(64, 96, 8, 6, option=option)
     # Quantise the inputs once; the oracle is float64 arithmetic on exactly those inputs.
-    q = dict(x, kw={k: (v.to(mdtype or dtype) if isinstance(v, torch.Tensor) else v) for k, v in x["kw"].items()})
-    for k in ("B", "A", "B_align", "A_align"):
-        q[k] = None if x[k] is None else x[k].to(dtype)
+    q = {k: None if v is None else v.to(dtype if k in FACTORS else mdtype or dtype) for k, v in x.items()}
     rt, rg = run(q, "torch", dtype=torch.float64)
     lt, lg = run(q, "torch")  # the reference computed in the low dtype
     kt, kg = run(q, "kernel")
-    for k, l, r in zip(kt, lt, rt):
-        assert k.dtype == torch.float32  # 16-bit factors give float32 terms
-        assert _err(k, r) <= 2 * _err(l, r) + 1e-6 * r.abs().item() + 1e-12
-    for k, l, r in zip(kg, lg, rg):
-        assert k.dtype == dtype
-        assert _err(k, r) <= 2 * _err(l, r) + 1e-6 * r.abs().max().item()
+    assert all(k.dtype == torch.float32 for k in kt)  # 16-bit factors give float32 terms
+    assert all(k.dtype == dtype for k in kg)
+    assert_low_precision_rule(kt, kg, lt, lg, rt, rg)
 
 
 def test_non_contiguous_inputs_bitwise_equal_to_contiguous():
@@ -136,10 +88,10 @@ def test_non_contiguous_inputs_bitwise_equal_to_contiguous():
     wide = torch.randn(4, 100, generator=g, dtype=torch.float64)
     wide[:, ::2] = x["A"]
     y["A"] = wide[:, ::2]  # strided slice
-    y["B_align"] = torch.cat([x["B_align"], x["B_align"]], 1)[:, :3]
-    y["kw"] = dict(x["kw"], fisher=x["kw"]["fisher"].t().contiguous().t(),
-                   task_metric=torch.stack([x["kw"]["task_metric"]] * 2, -1)[..., 1])
-    assert not y["B"].is_contiguous() and not y["A"].is_contiguous() and not y["kw"]["fisher"].is_contiguous()
+    y["Ba"] = torch.cat([x["Ba"], x["Ba"]], 1)[:, :3]
+    y["F"] = x["F"].t().contiguous().t()
+    y["H"] = torch.stack([x["H"]] * 2, -1)[..., 1]
+    assert not y["B"].is_contiguous() and not y["A"].is_contiguous() and not y["F"].is_contiguous()
     nc = run(y, "kernel")
     for a, b in zip(c[0] + c[1], nc[0] + nc[1]):
         assert torch.equal(a, b)
@@ -152,7 +104,7 @@ def test_not_last_op_scales_grads():
     _, rg = run(x, "torch", weights=w)
     _, kg1 = run(x, "kernel", weights=torch.ones(4, dtype=torch.float64))
     for k, r, k1 in zip(kg, rg, kg1):
-        torch.testing.assert_close(k, r, rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(k, r, **F64_GRADS)
         assert not torch.allclose(k, k1)
 
 
@@ -202,12 +154,9 @@ def test_geodesic_needs_the_fisher_metric():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_nan_inf_propagate(where, bad, dtype):
     x = make(6, 20, 3, 2, dtype=dtype, option="fisher+task")
-    if where in ("fisher", "task_metric"):
-        x["kw"][where] = x["kw"][where].clone()
-        x["kw"][where][2, 3] = bad
-    else:
-        x[where] = x[where].clone()
-        x[where][1, 1] = bad
+    key = {"B": "B", "A_align": "Aa", "fisher": "F", "task_metric": "H"}[where]
+    x[key] = x[key].clone()
+    x[key][(2, 3) if key in ("F", "H") else (1, 1)] = bad
     kt, kg = run(x, "kernel")
     rt, rg = run(x, "torch")
     for k, r in zip(kt, rt):
@@ -233,7 +182,7 @@ def test_rank_zero_with_align_factors():
     kt, kg = run(x, "kernel")
     rt, rg = run(x, "torch")
     for k, r in zip(kt + kg, rt + rg):
-        torch.testing.assert_close(k, r, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(k, r, **F64_TERMS)
     assert kt[1].item() > 0  # task = mean(H D_A^2) with D = 0
 
 
@@ -243,9 +192,7 @@ def _opcheck_samples():
                                          ((3, 4, 1, 1), "no_align"), ((6, 5, 2, 2), "plain")]):
         dtype = torch.float32 if i % 2 else torch.float64
         x = make(*shape, dtype=dtype, option=option, seed=i)
-        kw = x["kw"]
-        args = [x["B"], x["A"], x["B_align"], x["A_align"], kw.get("fisher"), kw.get("task_metric"),
-                kw.get("align_mask"), float(kw["scale"]), 4.0, 0.01, 100.0, 1e-12]
+        args = [x[k] for k in FACTORS + ("F", "H", "M")] + [SCALE, 4.0, 0.01, 100.0, 1e-12]
         out.append((args, i % 2 == 0))
     return out
 
@@ -271,11 +218,11 @@ def test_torch_compile_fullgraph_cpu():
 
     torch._dynamo.reset()
     cl = torch.compile(loss, fullgraph=True)  # inductor: the default backend
-    ins = [x["B"], x["A"], x["B_align"], x["A_align"]]
+    ins = [x[k] for k in FACTORS]
     res = []
     for fn in (loss, cl):
         fs = [t.clone().requires_grad_() for t in ins]
-        v = fn(*fs, x["kw"]["fisher"], x["kw"]["task_metric"])
+        v = fn(*fs, x["F"], x["H"])
         res.append([v.detach()] + list(torch.autograd.grad(v, fs)))
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -382,10 +329,9 @@ def test_bad_grad_terms_or_sums_raw(which, bad):
 def test_raw_op_terms_are_the_formulas_of_its_sums(dtype):
     """terms = [S0/N, S1/N, S2/N, S3^2/(S0 S4 + eps)], N = m n, formed inside the op from its own sums."""
     x = make(13, 21, 3, 2, dtype=dtype, option="fisher+task")
-    kw = x["kw"]
     for eps in (1e-12, 0.5):
-        terms, S = torch.ops.agl.terms_fwd(x["B"], x["A"], x["B_align"], x["A_align"], kw["fisher"],
-                                           kw["task_metric"], None, float(kw["scale"]), 4.0, 0.01, 100.0, eps)
+        terms, S = torch.ops.agl.terms_fwd(*(x[k] for k in FACTORS + ("F", "H")), None, SCALE, 4.0, 0.01, 100.0,
+                                           eps)
         want = torch.stack([S[0] / 273, S[1] / 273, S[2] / 273, S[3] ** 2 / (S[0] * S[4] + eps)])
         torch.testing.assert_close(terms, want, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
 

@@ -3,18 +3,27 @@
     python bench/bench_ops.py                      # all shapes, float32 + bfloat16, on CUDA when available
     python bench/bench_ops.py --device cpu --quick # a small CPU subset (a few minutes on 2 cores)
     python bench/bench_ops.py --shapes 4096x4096r16 --dtypes float32 --providers agl,eager
+    python bench/bench_ops.py --device cuda --providers agl,eager --no-mem --reps 20   # quick: no compile, ~20 s
+    ncu -k regex:terms_ --section SpeedOfLight python bench/bench_ops.py --probe --shapes 4096x4096r16 --dtypes float32
+    compute-sanitizer --tool memcheck python bench/bench_ops.py --probe --shapes 67x131r5 --dtypes float32,bfloat16
+    python bench/bench_ops.py --profile 20 --shapes 4096x4096r16 --dtypes float32
 
 Modes: forward (terms with the autograd graph built), backward (grads of a weighted sum of the terms, the forward
 untimed), fwd+bwd. Providers: agl (agl.functional.agl_terms, backend="kernel"), grouped (the same layer through
 agl.functional.agl_terms_grouped, a 1-layer group), null (the grouped op's do-nothing twin
-``agl_bench::terms_grouped_null`` of a bench/test build, through the same Python path and autograd: the floor the harness and the host path impose), eager
-(agl.reference.agl_terms), compiled (torch.compile(agl.reference.agl_terms)). Inputs: B, A, B_align, A_align of rank r, fisher and task_metric
-(the usual AGL setting). Timings: median / p20 / p80 over --reps repetitions after warm-up. Peak memory: on CUDA
+``agl_bench::terms_grouped_null`` of a bench/test build, through the same Python path and autograd: the floor the
+harness and the host path impose), eager (agl.reference.agl_terms), compiled (torch.compile(agl.reference.agl_terms)).
+Inputs (agl.testing.random_layer): B, A, B_align, A_align of rank r, fisher and task_metric in the factor dtype (the
+usual AGL setting). Timings: median / p20 / p80 over --reps repetitions after warm-up. Peak memory: on CUDA
 torch.cuda.max_memory_allocated() above the inputs; on CPU the peak-RSS increase of a fresh subprocess per
 (shape, dtype, provider) that builds the inputs and then runs forward and fwd+bwd once (tracemalloc cannot see
 torch's allocations). Rows go to bench/results/<device-slug>.json through bench/_results.py (each with its
 provenance; rows of other commits are kept beside them, see there); a table is printed. On CUDA, bytes and FLOPs
 per call and the achieved fraction of a measured copy bandwidth and matmul rate are printed too.
+
+--probe: one fwd+bwd of the fused op per (shape, dtype), for Nsight Compute and compute-sanitizer (prints the run's
+provenance, the loss and the grad norms; writes no result file); --profile N: a torch.profiler table of N calls first
+(host vs device time per call, the top ops).
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ from _results import append_rows, provenance  # noqa: E402  (bench/_results.py, 
 
 from agl import reference  # noqa: E402
 from agl.functional import agl_terms, agl_terms_grouped  # noqa: E402
+from agl.testing import random_layer  # noqa: E402
 
 ALL_SHAPES = ["576x576r8", "4096x4096r16", "4096x11008r16", "11008x4096r64"]
 QUICK_SHAPES = ["576x576r8", "4096x4096r16"]
@@ -74,17 +84,9 @@ def slug(name: str) -> str:
 
 
 def make_inputs(m, n, r, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    c = 0.35 / r**0.25
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=g) * c).to(device=device, dtype=dtype)
-
-    B, A, Ba, Aa = rnd(m, r), rnd(r, n), rnd(m, r), rnd(r, n)
-    mdt = torch.float32 if dtype == torch.float32 else dtype
-    F = (torch.rand(m, n, generator=g) * 2).to(device=device, dtype=mdt)
-    H = (torch.rand(m, n, generator=g) * 2).to(device=device, dtype=mdt)
-    return B, A, Ba, Aa, F, H
+    """(B, A, B_align, A_align, fisher, task_metric): one layer of agl.testing, align pair of rank r."""
+    x = random_layer(torch.Generator().manual_seed(seed), m, n, r, r, dtype=dtype, device=device)
+    return tuple(x[k] for k in ("B", "A", "Ba", "Aa", "F", "H"))
 
 
 _COMPILED = None
@@ -253,6 +255,58 @@ def measure_peaks(device, dtype):
     return bw, fl
 
 
+def probe(shapes, dtypes, device, profile_iters=0):
+    """One forward+backward of the fused op per (shape, dtype), printing the loss and the grad norms (a sanitizer log
+    then shows the values the kernels produced); with profile_iters > 0 first a torch.profiler table of that many
+    calls. Writes no result file: its output is the log."""
+    print("[provenance]", json.dumps(provenance()), flush=True)
+    fn = provider_fn("agl")
+    for shape in shapes:
+        m, n, r = parse_shape(shape)
+        for dname in dtypes:
+            B, A, Ba, Aa, F, H = make_inputs(m, n, r, DTYPES[dname], device)
+            fs = [t.requires_grad_() for t in (B, A, Ba, Aa)]
+
+            def call():
+                loss = loss_of(fn(*fs, F, H))
+                return loss, torch.autograd.grad(loss, fs)
+
+            if profile_iters:
+                profile(call, profile_iters, f"{shape} {dname}", device)
+            loss, grads = call()
+            sync(device)
+            norms = ", ".join(f"{g.float().norm().item():.4g}" for g in grads)
+            print(f"{shape} {dname}: loss {loss.item():.6g}, grad norms {norms}")
+
+
+def profile(call, iters, label, device):
+    """Prints the per-call wall time of `call` (unprofiled), the device busy time and kernels per call, and the top
+    ops by device time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    for _ in range(5):
+        call()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        call()
+    sync(device)
+    wall = (time.perf_counter() - t0) / iters * 1e3
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        for _ in range(iters):
+            call()
+        sync(device)
+    ev = prof.key_averages()
+    dev = sum(e.self_device_time_total for e in ev) / iters / 1e3
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / iters
+    print(f"[profile] {label}: wall {wall:.3f} ms/call (unprofiled), device busy {dev:.3f} ms/call, "
+          f"kernels {kernels:.1f}/call")
+    print(ev.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                   row_limit=12, max_name_column_width=60))
+
+
 def _has_null_ops() -> bool:
     from agl import ops
 
@@ -270,11 +324,20 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--out", default=None, help="results file (default bench/results/<device-slug>.json)")
+    ap.add_argument("--probe", action="store_true", help="one fwd+bwd of the fused op per shape and dtype, for ncu "
+                    "or compute-sanitizer (default shapes 4096x4096r16, float32); no result file")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="with --probe (implied): a torch.profiler "
+                    "table of N calls first")
     ap.add_argument("--_mem-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._mem_child:
         p, s, d, t = args._mem_child
         mem_child(p, s, d, int(t))
+        return
+    if args.probe or args.profile:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtypes = "float32" if args.dtypes == "float32,bfloat16" else args.dtypes
+        probe((args.shapes or "4096x4096r16").split(","), dtypes.split(","), device, args.profile)
         return
 
     run_prov = provenance()  # at the start: the load the run began under

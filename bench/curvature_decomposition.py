@@ -22,7 +22,7 @@ Per-sample inner products come from hooks, ⟨G_{n,l}, ΔW_l⟩ = s_l·Σ_t (δ_
 ``<dest>/decomposition.json`` (rows with provenance), ``decomposition.png`` and prints a table. Resumable: rows
 already in the JSON (same run, step) are kept.
 
-    python bench/curvature_decomposition.py --out /work/runs/demo --dest docs/results/2026-12-05-curvature
+    python bench/curvature_decomposition.py --out runs/demo --dest docs/results/2026-12-05-curvature
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Hand labels of the model completions (read one by one against docs/JUDGE.md) -> model_labelled.jsonl.
 
-The completions come from generation caches under a runs folder (``bench/judge_generate.py`` writes
+The completions come from generation caches under a runs folder (``tools/judge_generate.py`` writes
 ``RUNS/judge_gen/cache-<stage>.jsonl``; the aligned-start helper's base-model answers are
 ``RUNS/align_tune/shared/distill/distill.jsonl``); ``model_labelled.jsonl`` (committed) keeps the text, so the set
 does not depend on those files afterwards. Completions without a label below are left out.
 
-    python bench/judge_data/label_model.py [RUNS]     # RUNS: default $AGL_RUNS, else runs/ in the repository
+    python tools/judge_data/label_model.py [RUNS]     # RUNS: default $AGL_RUNS, else runs/ in the repository
 """
 from __future__ import annotations
 

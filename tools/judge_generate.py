@@ -6,12 +6,12 @@ Stages of the project's model, each through the DriftCaps harness (greedy, batch
 * ``smollm2-safety-sys``: the same model with a safety system prompt in place of its default one (a cheap stand-in
   for an aligned start: it refuses more, in its own words);
 * any model directory given with ``--model-dir NAME=PATH`` (e.g. the aligned start and drifted fine-tunes under
-  ``/work/runs/``).
+  a runs folder).
 
 Prompts are the project's own (``agl/driftcaps/data/prompts.jsonl``), a fixed seeded sample per stage. The output is
 unlabelled JSONL (``stage``, ``id``, ``prompt_id``, ``response``); labels are added by hand (see ``docs/JUDGE.md``).
 
-    nice -n 10 python bench/judge_generate.py --out /work/runs/judge_gen/unlabelled.jsonl
+    nice -n 10 python tools/judge_generate.py --out runs/judge_gen/unlabelled.jsonl
 """
 from __future__ import annotations
 

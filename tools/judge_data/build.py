@@ -1,13 +1,13 @@
 """Build the judge's validation set: hand-written + composed + labelled model completions -> dev/test JSONL.
 
-    python bench/judge_data/build.py        # writes agl/driftcaps/data/judge/{dev,test}.jsonl
+    python tools/judge_data/build.py        # writes agl/driftcaps/data/judge/{dev,test}.jsonl
 
 Sources (all labelled against docs/JUDGE.md):
 * ``hand_*.txt``: hand-written completions, blocks ``=== <style> <R|C> <prompt>`` followed by the completion;
 * ``styles_*.txt``: the same format, written later in the manner of other chat models (lecture-style refusals,
   refusals without refusal words, moralising compliance); source ``handwritten-styles``;
 * ``compose.py``: hand-written openers x bodies (structure varied independently of wording);
-* ``model_labelled.jsonl``: completions of the project's model at several stages (``bench/judge_generate.py``),
+* ``model_labelled.jsonl``: completions of the project's model at several stages (``tools/judge_generate.py``),
   each read and labelled by hand (fields ``id, stage, prompt_id, completion, label, style, note``).
 
 The split is stratified by (source, style): within each stratum rows are shuffled with a fixed seed and dealt

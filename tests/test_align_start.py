@@ -54,6 +54,7 @@ def test_refusal_texts_are_refusals():
         assert judge_refusal(r["text"]), r["id"]
 
 
+@pytest.mark.slow  # > 5 s: left out of `make test-fast`
 def test_sft_data_is_disjoint_from_the_eval_split(cfg, data):
     assert cfg.align_n_borderline > 0, "the tuned recipe uses the project's borderline prompts"
     sft = data["sft_unsafe"] + data["sft_safe"] + data["sft_own"]

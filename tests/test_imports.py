@@ -183,6 +183,7 @@ _FORK_EACH = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.slow  # > 5 s: left out of `make test-fast`
 def test_every_module_imports_first_in_a_fresh_interpreter():
     mods = [m for m in _modules() if not m.endswith("__main__")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

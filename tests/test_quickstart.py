@@ -65,6 +65,7 @@ def _model_or_skip():
         pytest.skip(f"offline model not installed ({exc})")
 
 
+@pytest.mark.slow  # > 5 s: left out of `make test-fast`
 def test_quickstart_runs_on_the_offline_model(tmp_path):
     """The example as a user runs it (from a checkout's root: here a copy of examples/ in a temporary folder)."""
     _model_or_skip()

@@ -26,7 +26,6 @@ per-sample gradient costs nothing. How far that lets a penalised fine-tune slip 
 """
 from __future__ import annotations
 
-import functools
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
@@ -68,7 +67,7 @@ def estimate_cross_curvature(model: nn.Module, batches: Iterable[Mapping[str, Te
     labelled tokens, ΣT). Returns ``state`` (modified in place).
 
     Single process only (under ``torch.distributed`` the rows of C would have to be gathered; not implemented)."""
-    from agl.per_sample import _compute_dtype, _labelled_tokens, _model_device, hooked_passes
+    from agl.per_sample import _compute_dtype, _labelled_tokens, _model_device, hook_layer_gradients, hooked_passes
     from agl.peft_binding import resolve_targets, unwrap_model
 
     import torch.distributed as dist
@@ -94,16 +93,7 @@ def estimate_cross_curvature(model: nn.Module, batches: Iterable[Mapping[str, Te
         raise ValueError("agl: estimate_cross_curvature: no layer of the state has both subspaces U and V "
                          "(estimate the state with subspaces=True)")
 
-    def fwd_hook(acc, module, inputs, output):
-        X = inputs[0].detach()
-        out = output
-        replaced = not out.requires_grad
-        if replaced:
-            out = out.detach().requires_grad_(True)
-        out.register_hook(lambda g: acc.add(g.detach(), X))
-        return out if replaced else None
-
-    handles = [targets[n][0].register_forward_hook(functools.partial(fwd_hook, a)) for n, a in accs.items()]
+    handles = hook_layer_gradients([(targets[n][0], a.add) for n, a in accs.items()])
     count = tokens = 0
     bar = None
     if progress:
@@ -142,10 +132,7 @@ def projected_updates(Ls: Sequence[Tensor], Rs: Sequence[Tensor], Us: Sequence[T
 def cross_align_nats(Ls, Rs, Us, Vs, Cs, scales, num_tokens) -> Tensor:
     """Reference form of the penalty for a list of layers: ½ · (1/ΣT) · Σ_n z_n², z = C_cat @ m (module
     docstring); ``Cs`` (N, k_l, k'_l) per layer. Returns a 0-dim tensor."""
-    m = projected_updates(Ls, Rs, Us, Vs, scales)
-    C = torch.cat([c.reshape(c.shape[0], -1) for c in Cs], dim=1).to(m.dtype)
-    z = C @ m
-    return 0.5 * (z * z).sum() / num_tokens
+    return CrossCurvature(Us, Vs, Cs, num_tokens)(Ls, Rs, scales)[0]
 
 
 class CrossCurvature:

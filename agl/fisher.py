@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from agl.distributed import fsdp2_group, is_dtensor
 from agl.per_sample import (_Frozen, _compute_dtype, _dist_info, _forward_logits, _labelled_tokens, _labels_of,  # noqa: F401
-                            _model_device, _iter_samples, hooked_passes, per_sample_losses)
+                            _model_device, _iter_samples, hook_layer_gradients, hooked_passes, per_sample_losses)
 from agl.peft_binding import resolve_targets, unwrap_model
 from agl.state import AlignmentState, LayerState
 
@@ -100,6 +100,10 @@ class _Accumulator:
             self.S_out += (r.reshape(b * T, m).T @ torch.bmm(Kc, r).reshape(b * T, m)).to(torch.float64)
             Kr = torch.bmm(r, r.transpose(1, 2))
             self.S_in += (c.reshape(b * T, n).T @ torch.bmm(Kr, c).reshape(b * T, n)).to(torch.float64)
+
+
+def _add_activations(acc: "_Accumulator", fifo: bool, chunk_elems: int, delta: Tensor, X: Tensor) -> None:
+    acc.add_from_activations(delta, X, fifo, chunk_elems)
 
 
 def _finish(
@@ -243,20 +247,8 @@ def estimate_alignment_state(
     if fsdp2 is not None:
         split_rank, split_world = (dist.get_rank(fsdp2), dist.get_world_size(fsdp2)) if split_across_ranks else (0, 1)
 
-    def fwd_hook(acc: _Accumulator, fifo: bool, module, inputs, output):
-        X = inputs[0].detach()
-        out = output
-        replaced = False
-        if not out.requires_grad:
-            out = out.detach().requires_grad_(True)
-            replaced = True
-        out.register_hook(functools.partial(bwd_hook, acc, fifo, X))
-        return out if replaced else None
-
-    def bwd_hook(acc: _Accumulator, fifo: bool, X: Tensor, grad: Tensor):
-        acc.add_from_activations(grad.detach(), X, fifo, chunk_elems)
-
-    handles = [mod.register_forward_hook(functools.partial(fwd_hook, accs[name], fifo)) for name, (mod, fifo, _) in targets.items()]
+    handles = hook_layer_gradients(
+        [(mod, functools.partial(_add_activations, accs[name], fifo, chunk_elems)) for name, (mod, fifo, _) in targets.items()])
     count = tokens = 0
     bar = None
     if progress and rank == 0:

@@ -8,13 +8,14 @@ from the model (the "true" Fisher), and the labelled tokens counted.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence
+import functools
+from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-__all__ = ["per_sample_losses", "backward_summed_losses", "hooked_passes"]
+__all__ = ["per_sample_losses", "backward_summed_losses", "hooked_passes", "hook_layer_gradients"]
 
 def per_sample_losses(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed next-token cross-entropy of each sample: ``logits`` (b, T, V), ``labels`` (b, T) with -100 ignored
@@ -171,3 +172,22 @@ class _Frozen:
             p.requires_grad_(flag)
         self.model.train(self.training)
         return False
+
+
+def _deliver(sink: Callable[[Tensor, Tensor], None], module, inputs, output):
+    """Forward hook: keeps the layer's input x and, in the backward, hands (δ = ∂loss/∂output, x) to ``sink``.
+    When nothing upstream requires grad (all parameters frozen), the output is replaced by a leaf that does."""
+    X = inputs[0].detach()
+    out = output
+    replaced = not out.requires_grad
+    if replaced:
+        out = out.detach().requires_grad_(True)
+    out.register_hook(lambda g: sink(g.detach(), X))
+    return out if replaced else None
+
+
+def hook_layer_gradients(sinks: Sequence[Tuple[nn.Module, Callable[[Tensor, Tensor], None]]]) -> List:
+    """Registers, for each (module, sink), a forward hook that calls ``sink(δ, x)`` during the backward with the
+    module's output gradient δ (b, T, out) and input x (b, T, in): the per-sample gradient G_i = δ_iᵀ x_i of every
+    estimator, never formed here. Returns the handles (``hooked_passes`` removes them)."""
+    return [mod.register_forward_hook(functools.partial(_deliver, sink)) for mod, sink in sinks]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 import sys
 from pathlib import Path
@@ -96,28 +95,19 @@ def _factors(model, state):
 
 def gradient_terms(model, state, batches) -> Dict[str, float]:
     """The hook-based predictors at the aligned start (adapter disabled) for the adapter's ΔW, over ``batches``."""
-    from agl.per_sample import hooked_passes
+    from agl.per_sample import _labelled_tokens, hook_layer_gradients, hooked_passes
     from agl.peft_binding import resolve_targets
 
     fac = _factors(model, state)
     probes = {n: _LayerProbe(L, R, s, U, V, b.fan_in_fan_out) for n, (L, R, s, U, V, b) in fac.items()}
     targets = resolve_targets(model, list(probes))
 
-    def fwd_hook(p, module, inputs, output):
-        X = inputs[0].detach()
-        out = output
-        replaced = not out.requires_grad
-        if replaced:
-            out = out.detach().requires_grad_(True)
-        out.register_hook(lambda g: p.add(g.detach(), X))
-        return out if replaced else None
-
-    handles = [targets[n][0].register_forward_hook(functools.partial(fwd_hook, p)) for n, p in probes.items()]
+    handles = hook_layer_gradients([(targets[n][0], p.add) for n, p in probes.items()])
     tokens = 0
     with model.disable_adapter():
         for ids, labels, _ in hooked_passes(model, batches, handles, None, max_samples=None, rank=0, world=1,
                                             pad_empty=False, device=torch.device("cpu"), fisher="empirical", seed=0):
-            tokens += int((labels[:, 1:] != -100).sum())
+            tokens += _labelled_tokens(labels)
     u = torch.stack([torch.cat(p.u) for p in probes.values()])  # (L, N)
     uA = torch.stack([torch.cat(p.uA) for p in probes.values()])
     kfac = sum(float(torch.trace(p.D.T @ p.S @ p.D @ (p.X / max(p.positions, 1)))) for p in probes.values())
@@ -233,17 +223,17 @@ def main(argv=None):
         if not os.path.isdir(rdir):
             print(f"skip {run}: {rdir} not built", file=sys.stderr)
             continue
-        jobs += [(args.tag + run, s, p) for s, p in checkpoints(rdir)
+        cks = checkpoints(rdir)
+        last = cks[-1][0]  # the run's last checkpoint gets the whole ε-curve
+        jobs += [(args.tag + run, s, p, s == last) for s, p in cks
                  if (not want or s in want) and (args.tag + run, s) not in done]
     from peft import PeftModel
 
-    for run, step, p in tqdm(jobs, desc="checkpoints"):
+    for run, step, p, final in tqdm(jobs, desc="checkpoints"):
         model = PeftModel.from_pretrained(copy.deepcopy(aligned), p)
         model.eval()
         row = {"run": run, "step": step, "provenance": prov}
         for name, batches in data.items():
-            final = step is None or step == max(s for s, _ in checkpoints(os.path.join(args.out, "finetune",
-                                                                                        run[len(args.tag):])))
             row[name] = {**along_ray(model, batches, final), **gradient_terms(model, state, batches)}
         rows = [r for r in rows if (r["run"], r["step"]) != (run, step)] + [row]
         atomic_write_json(path, rows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -380,9 +381,7 @@ def curvature_decomposition() -> str:
             ("hess", "½ d²L/dε² (exact)")]
 
     def med(vals):
-        vals = sorted(vals)
-        n = len(vals)
-        return None if not n else (vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2]))
+        return statistics.median(vals) if vals else None
 
     out = []
     for key, label in keys:

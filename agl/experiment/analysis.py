@@ -26,9 +26,10 @@ def _read(path):
 
 
 # ------------------------------------------------------------------------------------------------- prediction
-def prediction_points(paths: Dict[str, str]) -> List[dict]:
+def prediction_points(paths: Dict[str, str], method_of=None) -> List[dict]:
     """Every logged (predicted, measured) pair of every fine-tune (step > 0), and Safe LoRA's after-projection
-    pairs. ``run``: the stage name (the bootstrap's cluster)."""
+    pairs. ``run``: the stage name (the bootstrap's cluster); ``method``: the log's, or ``method_of(stage name,
+    log)``."""
     pts = []
     for name, path in sorted(paths.items()):
         if not name.startswith("finetune/"):
@@ -40,13 +41,14 @@ def prediction_points(paths: Dict[str, str]) -> List[dict]:
             seq = [c for c in log["curve"] if c["step"] > 0]
         for c in seq:
             if all(k in c for k in _KEYS):
-                pts.append({"run": name, "method": log["method"], "step": c["step"], "measured": c["delta_align_loss"],
+                method = log["method"] if method_of is None else method_of(name, log)
+                pts.append({"run": name, "method": method, "step": c["step"], "measured": c["delta_align_loss"],
                             **{k: c[k] for k, _, _ in CURVATURES.values() if k in c}})
     return pts
 
 
-def prediction_section(cfg, paths: Dict[str, str]) -> dict:
-    pts = prediction_points(paths)
+def prediction_section(cfg, paths: Dict[str, str], method_of=None) -> dict:
+    pts = prediction_points(paths, method_of)
     per_method = {}
     for m in dict.fromkeys(p["method"] for p in pts):
         sel = [p for p in pts if p["method"] == m]
@@ -56,14 +58,14 @@ def prediction_section(cfg, paths: Dict[str, str]) -> dict:
     from agl.loss import AGLConfig
 
     default = AGLConfig().curvature
-    out = {"align": prediction_quality(pts, key="pred_align_nats", n_boot=cfg.n_boot),
-           "full": prediction_quality(pts, key="pred_full_nats", n_boot=cfg.n_boot),
-           "per_method": per_method, "points": pts}
+    quality = {k: prediction_quality(pts, key=k, n_boot=cfg.n_boot) for k in _KEYS}  # every point has these
+    out = {"align": quality["pred_align_nats"], "full": quality["pred_full_nats"], "per_method": per_method,
+           "points": pts}
     for name, (key, curvature, on) in CURVATURES.items():
         sel = [p for p in pts if key in p]
         if not sel:
             continue
-        q = prediction_quality(sel, key=key, n_boot=cfg.n_boot)
+        q = quality[key] if key in quality else prediction_quality(sel, key=key, n_boot=cfg.n_boot)
         out[name] = {"median_ratio": q["median_point_ratio"], "ci95": q.get("median_point_ratio_ci"),
                      "spearman": q["spearman"], "spearman_ci": q["spearman_ci"], "n_points": q["n_points"],
                      "n_runs": q.get("n_runs"), "pooled_ratio": q["ratio"], "key": key, "on": on,

@@ -45,21 +45,8 @@ def main(argv):
                 continue
             seen.update({real, ident})
             paths[f"finetune/{tag}:{run}"] = real
-    P = prediction_section(_Cfg, paths)
     # a point's method is its run's label ("agl" means different settings in the two outputs)
-    import math
-
-    import numpy as np
-
-    from agl.experiment.analysis import CURVATURES
-
-    for p in P["points"]:
-        p["method"] = p["run"].split("/", 1)[1].rsplit("-s", 1)[0]
-    for name, (key, _, _) in CURVATURES.items():
-        if name in P:
-            P[name]["per_method"] = {m: float(np.median([p["measured"] / p[key] for p in P["points"]
-                                                         if p["method"] == m and p.get(key, 0) > 0] or [math.nan]))
-                                     for m in dict.fromkeys(p["method"] for p in P["points"])}
+    P = prediction_section(_Cfg, paths, method_of=lambda name, log: name.split("/", 1)[1].rsplit("-s", 1)[0])
     atomic_write_json(HERE / "prediction.json", {"provenance": prov, "runs": sorted(paths), **P})
     for k in ("diagonal", "diagonal_full", "cross"):
         q = P.get(k)

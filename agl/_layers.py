@@ -12,7 +12,7 @@ from agl.distributed import sq_norm
 from agl.peft_binding import LoraBinding, find_lora_layers
 from agl.state import AlignmentState
 
-__all__ = ["Entry", "bind", "factors", "unit_scales", "cross_curvature", "layers_dict"]
+__all__ = ["Entry", "bind", "factors", "half_sq_norm", "unit_scales", "cross_curvature", "layers_dict"]
 
 
 @dataclass
@@ -79,6 +79,13 @@ def factors(entries: List[Entry]):
         Rs.append(R)
         scales.append(e.scaling)
     return Ls, Rs, scales
+
+
+def half_sq_norm(Ls: List[Tensor], Rs: List[Tensor], scales: List[float]) -> Tensor:
+    """½·Σ_l ‖ΔW_l‖²_F (0-dim, differentiable) of the updates ΔW_l = s_l·L_l R_l (L_l (m, r), R_l (r, n), as
+    :func:`factors` gives them) without forming ΔW: ‖L R‖²_F = tr(Rᵀ LᵀL R) = ⟨LᵀL, R Rᵀ⟩, two r x r Gram
+    matrices, O((m + n)·r²) per layer (``AGLConfig(curvature="identity")``, the L2-SP penalty)."""
+    return 0.5 * sum(s * s * ((L.t() @ L) * (R @ R.t())).sum() for L, R, s in zip(Ls, Rs, scales))
 
 
 def unit_scales(entries: List[Entry], state: AlignmentState, task_state: Optional[AlignmentState], units: str):

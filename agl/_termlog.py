@@ -31,8 +31,9 @@ class TermLog:
         denom = reg.detach()
         shares = {f"share_{k}": torch.where(denom > 0, v.detach() / denom, torch.zeros_like(denom))
                   for k, v in parts.items()}
-        self.last = {**{k: u[k].detach() for k in TERMS if k in u}, "regularizer": reg.detach(),
-                     "align_nats": u["align_nats"].detach(), "lambda_align": lam_a.detach(), **shares}
+        nats = {"align_nats": u["align_nats"].detach()} if "align_nats" in u else {}  # none for the identity metric
+        self.last = {**{k: u[k].detach() for k in TERMS if k in u}, "regularizer": reg.detach(), **nats,
+                     "lambda_align": lam_a.detach(), **shares}
         if "overlap" in u:
             self.last["collision"] = (alpha * u["overlap"] + (1.0 - alpha) * u["geodesic"]).detach()
         if "align_nats_diagonal" in u:

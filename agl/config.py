@@ -16,7 +16,7 @@ from agl.units import UNITS as _UNITS
 
 __all__ = ["AGLConfig", "resolve_backend"]
 
-_CURVATURES = ("diagonal", "cross")  # the metric of the align term (agl.curvature)
+_CURVATURES = ("diagonal", "cross", "identity")  # the metric of the align term (agl.curvature; identity: L2-SP)
 _BACKENDS = ("auto", "kernel", "torch")
 # every default weight, per unit system (docs/MATH.md §7 "The defaults" says which runs chose them)
 _DEFAULT_WEIGHTS = {
@@ -43,6 +43,24 @@ def _finite(name: str, v, *, positive: bool = False, allow_negative: bool = Fals
     if not allow_negative and v < 0:
         raise ValueError(f"AGLConfig: `{name}` must be >= 0, got {v}")
     return float(v)
+
+
+def _refuse_fixed(method: str, kw: Dict[str, Any], fixed, why: str) -> None:
+    """A classmethod config (``ewc``, ``l2``) fixes ``fixed``: passing one of them is a mistake, not an override."""
+    for k in fixed:
+        if k in kw:
+            raise ValueError(f"AGLConfig.{method}: `{k}` is fixed by the {why}")
+
+
+# what curvature="identity" needs, and why: ½‖ΔW‖²_F has no Fisher, no subspaces, no nats and no per-layer means
+_IDENTITY_NEEDS = {
+    "units": ("nats", "the one unit system of the identity metric (its value is ½‖ΔW‖²_F, not nats)"),
+    "subspaces": (False, "the isotropic penalty is on the whole update"),
+    "lambda_task": (0.0, "the identity metric has no other term"),
+    "lambda_collision": (0.0, "the identity metric has no other term"),
+    "align_budget": (None, "a budget is in nats and ½‖ΔW‖²_F predicts nothing in nats"),
+    "per_layer_terms": (False, "the per-layer means are the grouped op's, which the identity metric skips"),
+}
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -83,7 +101,10 @@ class AGLConfig:
     - ``per_layer_terms``: also record per-layer values in ``last_terms["layers"]`` (one host sync per step).
     - ``curvature``: the metric of the align term, ``"diagonal"`` (½·c·Σ F̃ (ΔW_A)²) or ``"cross"`` (the empirical
       Fisher across weights and layers, docs/MATH.md §9; needs ``units="nats"``, ``subspaces=True`` and a state with
-      ``C``; with λ_T = λ_NC = 0 the grouped op is then skipped).
+      ``C``; with λ_T = λ_NC = 0 the grouped op is then skipped), or ``"identity"`` (F = 1: the isotropic L2-SP
+      penalty ``align`` = ½·Σ_l ‖ΔW_l‖²_F in squared weight, not nats, with no ``align_nats``; :meth:`l2`, docs/MATH.md
+      §7 "L2-SP as a configuration"; needs units="nats", subspaces=False, λ_T = λ_NC = 0, no ``align_budget`` and no
+      ``per_layer_terms``; the grouped op is never called).
 
     :meth:`to_dict` / :meth:`from_dict` (and ``to_json`` / ``from_json``) round-trip every field but a task-Fisher
     ``task_metric`` and a callable ``layers``, which are live objects (a ValueError names them).
@@ -114,10 +135,19 @@ class AGLConfig:
         In nats it is λ·½·c·Σ_l Σ_ij F̃ ΔW² (the predicted rise of the alignment loss); with ``units="paper"``
         λ·mean_l mean_ij F̃ ΔW² (the experiment's old ``EWCPenalty``). Other fields pass through (``backend``,
         ``units``, ``align_budget``, ...)."""
-        for k in ("subspaces", "lambda_task", "lambda_collision"):
-            if k in kw:
-                raise ValueError(f"AGLConfig.ewc: `{k}` is fixed by the EWC form (subspaces=False, other terms 0)")
+        _refuse_fixed("ewc", kw, ("subspaces", "lambda_task", "lambda_collision"),
+                      "EWC form (subspaces=False, other terms 0)")
         return cls(lambda_align=lambda_align, lambda_task=0.0, lambda_collision=0.0, subspaces=False, **kw)
+
+    @classmethod
+    def l2(cls, rho: float, **kw) -> "AGLConfig":
+        """The isotropic proximal penalty (L2-SP; Lisa's proximal term) as a config: ρ·½·Σ_l ‖ΔW_l‖²_F on the whole
+        update (``curvature="identity"``, λ_A = ρ, no other term). ``rho`` finite and >= 0; other fields pass through
+        (``backend``, ``layers``, ...)."""
+        _refuse_fixed("l2", kw, ("lambda_align", "subspaces", "lambda_task", "lambda_collision", "curvature"),
+                      "L2-SP form (lambda_align=rho, curvature='identity', subspaces=False, other terms 0)")
+        return cls(lambda_align=_finite("rho", rho), lambda_task=0.0, lambda_collision=0.0, subspaces=False,
+                   curvature="identity", **kw)
 
     def __post_init__(self):
         if self.units not in _UNITS:
@@ -157,6 +187,11 @@ class AGLConfig:
             except TypeError:
                 raise ValueError("AGLConfig: `layers` must be a regex, a collection of names or a callable, got "
                                  f"{self.layers!r}") from None
+        if self.curvature == "identity":  # after the checks above: every field compared here is validated
+            for name, (want, why) in _IDENTITY_NEEDS.items():
+                if getattr(self, name) != want:
+                    raise ValueError(f"AGLConfig: `curvature='identity'` needs `{name}`={want!r} ({why}), got "
+                                     f"{getattr(self, name)!r}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self, resolve: bool = False) -> Dict[str, Any]:

@@ -30,7 +30,7 @@ from agl import _layers
 from agl._termlog import TermLog
 from agl.budget import AlignWeight, BudgetController
 from agl.config import AGLConfig, resolve_backend
-from agl.distributed import sharded_terms_for
+from agl.distributed import is_dtensor, sharded_terms_for
 from agl.functional import agl_terms_grouped
 from agl.state import AlignmentState
 from agl.units import TERMS as _TERMS, layer_align_nats, unit_terms as _unit_terms
@@ -64,6 +64,9 @@ class AGLLoss:
         self.entries, self._task_state = _layers.bind(model, state, self.config)
         self._sharded = sharded_terms_for(self.entries, state, self._task_state, self.config)  # FSDP2 / row-sharded
         self._cross = self._cross_curvature(state) if self.config.curvature == "cross" else None
+        if self.config.curvature == "identity" and any(is_dtensor(e.B) for e in self.entries):
+            raise NotImplementedError("AGLLoss: curvature='identity' is not supported with FSDP2 (DTensor) LoRA "
+                                      "factors yet (its Gram matrices would need the whole factors)")
         # unit conversions (agl.units): N_l (cached per device and dtype: no host copy per step), c, c_H, Σ‖W0‖²
         self._numel = torch.tensor([e.numel for e in self.entries], dtype=torch.float64)
         self._numel_cache: Dict[Tuple, Tensor] = {}
@@ -132,9 +135,14 @@ class AGLLoss:
     def _weighted(self):
         """(T or None, terms in units, λ_A in force, the weighted terms) for the factors as they are now. With the
         cross curvature and λ_T = λ_NC = 0 (and no per-layer log) the grouped op is skipped: every term it forms
-        would be weighted by 0, so T is None and only the align term is formed (and logged)."""
+        would be weighted by 0, so T is None and only the align term is formed (and logged). The identity metric
+        (L2-SP) never calls it: its one term is ½‖ΔW‖²_F, which has no ``align_nats``."""
         c = self.config
         factors = self._factors()
+        if c.curvature == "identity":
+            v = _layers.half_sq_norm(*factors)
+            lam_a = self._weight.multiplier(v)
+            return None, {"align": v}, lam_a, {"align": lam_a * v}
         if self._cross is not None and c.lambda_task == 0 and c.lambda_collision == 0 and not c.per_layer_terms:
             nats = self.cross_nats(factors)
             lam_a = self._weight.multiplier(nats)
@@ -225,7 +233,8 @@ class AGLLoss:
     def last_terms(self) -> Dict[str, Any]:
         """Floats of the last call: ``align``, ``task``, ``overlap``, ``geodesic`` (in ``config.units``), ``collision``
         (their α-mix), ``regularizer`` (the λ-weighted sum), ``align_nats`` (predicted rise of the alignment loss,
-        nats per token, in any units; ``align_nats_diagonal`` beside the cross one when the grouped op ran),
+        nats per token, in any units; ``align_nats_diagonal`` beside the cross one when the grouped op ran; absent
+        with ``curvature="identity"``, whose ``align`` is ½‖ΔW‖²_F and predicts nothing in nats),
         ``lambda_align`` (in force), ``share_<term>`` (fractions of the regulariser; 0 when it is 0), ``task_loss``,
         ``total``; ``layers`` (name -> per-layer means and ``align_nats``) with ``config.per_layer_terms``."""
         return self._log.last_terms(self.entries)
@@ -234,6 +243,9 @@ class AGLLoss:
     def layer_terms(self) -> Dict[str, Dict[str, float]]:
         """Per-layer (and adapter) values of the four terms now (per-element means, as ``agl_terms`` gives them),
         without recording anything."""
+        if self.config.curvature == "identity":
+            raise ValueError("AGLLoss.layer_terms: the per-layer terms are the grouped op's (Fisher-weighted means), "
+                             "which curvature='identity' (½‖ΔW‖²_F) does not form")
         T = self._term_matrix(resolve_backend(self.config.backend, self.entries[0].B.device))
         return _layers.layers_dict(self.entries, T, _TERMS)
 

@@ -32,6 +32,21 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, lora: bool = True, r: int = 4
     return model
 
 
+def tiny_gpt2(seed: int = 0, init_b: float = 0.05):
+    """float64 GPT2LMHeadModel (n_embd 32, 1 layer, vocab 64) with peft LoRA r = 2 on ``c_attn``, a Conv1D whose
+    weight is stored (in, out): ``fan_in_fan_out=True``; B drawn N(0, init_b²) so ΔW ≠ 0."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).double()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, init_b)
+    return model
+
+
 def tiny_batches(n_samples: int = 6, batch_size: int = 3, T: int = 12, seed: int = 0, vocab: int = 128):
     """Batches with a prompt (labels -100) of varying length, a response, and right padding."""
     g = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _tiny import tiny_batches, tiny_llama, train_trace  # noqa: E402
+from _tiny import tiny_batches, tiny_gpt2, tiny_llama, train_trace  # noqa: E402
 
 from agl import reference  # noqa: E402
 from agl.fisher import AlignmentState, LayerState, estimate_alignment_state  # noqa: E402
@@ -408,15 +408,7 @@ def test_grads_reach_every_factor_from_zero_init():
 
 
 def test_fan_in_fan_out_uses_weight_orientation():
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).double()
-    model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.05)
+    model = tiny_gpt2()
     st = estimate_alignment_state(model, tiny_batches(3, 3, vocab=64), progress=False, dtype=torch.float64)
     (name, ls), = st.layers.items()
     assert ls.shape == (32, 96)  # Conv1D weight: (in, out)

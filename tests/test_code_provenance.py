@@ -15,7 +15,7 @@ import pytest
 from agl import _provenance
 from agl._provenance import build_state, code_state, git_state, source_digest
 from agl.experiment import stages
-from agl.experiment.config import ExperimentConfig
+from agl.experiment.config import ALL_METHODS, ExperimentConfig
 from agl.experiment.plan import KEYLESS_FIELDS, stage_plan
 from agl.experiment.stages import Stage, code_versions
 
@@ -125,13 +125,13 @@ def test_code_versions_lists_every_commit_and_warns_on_more_than_one(tmp_path):
 
 # a base where every keyed field matters: every method (so ablation seeds and Safe LoRA's fields count) and every
 # sweep (so sweep_seeds, sweep_eval and frontier_agl count)
-_BASE = dict(out="o", seeds=[0, 1], sweep_agl=[1.0], sweep_budget=[0.1], sweep_ewc=[10.0],
+_BASE = dict(out="o", seeds=[0, 1], methods=list(ALL_METHODS), sweep_agl=[1.0], sweep_budget=[0.1], sweep_ewc=[10.0],
              sweep_terms={"task": [1.0]}, sweep_seeds=[0])
 # values for fields whose generic change (below) is not a valid config
 _CHANGED = {"dtype": "bfloat16", "device": "cuda", "frontier_agl": "lambda", "methods": ["lora", "agl"],
             "seeds": [0], "ablation_seeds": [0], "sweep_seeds": [1], "eval_n_unsafe": 5, "eval_n_safe": 5,
             "safe_lora_fractions": [0.5], "sweep_terms": {"overlap": [0.5]}, "targets": ["q_proj"],
-            "fisher_energy": 0.5}
+            "fisher_energy": 0.5, "lambda_cross": 3.0, "sweep_mix": [0.5]}
 
 
 def _changed(name, value):

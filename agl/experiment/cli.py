@@ -65,6 +65,11 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-budget", type=_csv(float), dest="sweep_budget", metavar="E,E,...",
                    help="align_budget grid (nats) for AGL's frontier")
     p.add_argument("--sweep-ewc", type=_csv(float), dest="sweep_ewc", metavar="L,L,...", help="EWC λ grid")
+    p.add_argument("--sweep-lr", type=_csv(float), dest="sweep_lr", metavar="LR,LR,...",
+                   help="learning-rate grid of plain LoRA (method lora_lr)")
+    p.add_argument("--sweep-l2", type=_csv(float), dest="sweep_l2", metavar="R,R,...", help="L2-SP ρ grid")
+    p.add_argument("--sweep-mix", type=_csv(float), dest="sweep_mix", metavar="P,P,...",
+                   help="safety-data mixing grid: fractions of the fine-tune's examples that are refusal demos")
     p.add_argument("--sweep-term", type=_sweep_term, action="append", dest="sweep_term", metavar="TERM=W,W,...",
                    help="weights to sweep for one extra AGL term (task, overlap or geodesic), the others off; dev "
                         "data only, never evaluated; repeatable (= sweep_terms in a config file)")
@@ -77,7 +82,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("out", "model", "device", "dtype", "seeds", "ablation_seeds", "methods", "steps", "lr",
-                "sweep_agl", "sweep_budget", "sweep_ewc", "sweep_seeds", "threads")
+                "sweep_agl", "sweep_budget", "sweep_ewc", "sweep_lr", "sweep_l2", "sweep_mix", "sweep_seeds",
+                "threads")
 _AGL_FLAGS = ("lambda_align", "align_budget")  # flags that set a field of the embedded AGLConfig
 
 

@@ -17,14 +17,16 @@ from typing import Any, Dict, List, Optional, Sequence
 from agl.loss import AGLConfig
 
 __all__ = [
-    "ABLATIONS", "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "agl_settings", "demo_config", "load_config",
-    "method_settings", "stable_hash", "SWEEP_TERMS", "term_settings",
+    "ABLATIONS", "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "Recipe", "agl_settings", "demo_config",
+    "load_config", "method_recipe", "method_settings", "stable_hash", "SWEEP_TERMS", "term_settings",
 ]
 
 # the methods, in report order
 ALL_METHODS = ("lora", "agl", "agl_diagonal", "agl_cross", "no_fisher", "no_task", "no_collision", "overlap_only",
-               "geodesic_only", "ewc", "safe_lora")
+               "geodesic_only", "ewc", "safe_lora", "lora_lr", "l2", "mix")
 ABLATIONS = ("no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only")
+# the ladder's baselines (issue 21) that are not AGLLoss settings of the default learning rate and data
+LADDER = ("lora_lr", "l2", "mix")
 
 
 def stable_hash(obj: Any) -> str:
@@ -110,6 +112,9 @@ class ExperimentConfig:
     sweep_agl: List[float] = field(default_factory=list)  # λ_A values for AGL
     sweep_budget: List[float] = field(default_factory=list)  # align_budget values (nats) for AGL
     sweep_ewc: List[float] = field(default_factory=list)  # λ values for EWC (AGLConfig.ewc)
+    sweep_lr: List[float] = field(default_factory=list)  # learning rates for plain LoRA (method lora_lr)
+    sweep_l2: List[float] = field(default_factory=list)  # ρ values for L2-SP (AGLConfig.l2)
+    sweep_mix: List[float] = field(default_factory=list)  # refusal-demonstration fractions for safety-data mixing
     # term sweeps (dev data only, never evaluated): term -> weights, terms among SWEEP_TERMS; each point is cfg.agl
     # with the other extra terms off (plan.grid_points); chosen by frontier.choose_term_weight
     sweep_terms: Dict[str, List[float]] = field(default_factory=dict)
@@ -118,6 +123,12 @@ class ExperimentConfig:
     frontier_agl: str = "auto"  # AGL's frontier curve: "lambda", "budget", or "auto" (budget when swept)
     # the pre-registered operating-point rule: the strongest setting whose dev EM >= LoRA's dev EM - this
     em_tolerance: float = 0.02
+    # the ladder's baselines at their main setting (the methods table; their grids are sweep_lr/_l2/_mix)
+    lora_lr: float = 1e-4  # method lora_lr: plain LoRA at this learning rate
+    l2_rho: float = 1.0  # method l2: ρ of ½ρ·Σ‖ΔW‖²_F (AGLConfig.l2)
+    mix_fraction: float = 0.03  # method mix: this fraction of the fine-tune's examples are refusal demonstrations
+    # method agl_cross: λ_A in the cross-layer metric (None: the `agl` config's); rule 9 chose 30 (docs/EXPERIMENT.md)
+    lambda_cross: Optional[float] = None
     # Safe LoRA: candidate thresholds = the similarity quantiles that project these fractions of the layers
     safe_lora_fractions: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0])
 
@@ -159,8 +170,16 @@ class ExperimentConfig:
             raise ValueError(f"`frontier_agl` must be auto, lambda or budget, got {self.frontier_agl!r}")
         if any(not 0.0 < f <= 1.0 for f in self.safe_lora_fractions) or not self.safe_lora_fractions:
             raise ValueError(f"`safe_lora_fractions` must be fractions in (0, 1], got {self.safe_lora_fractions!r}")
-        if any(v < 0 for v in self.sweep_agl + self.sweep_ewc + self.sweep_budget):
-            raise ValueError("`sweep_agl`, `sweep_ewc`, `sweep_budget` must be >= 0")
+        if self.lambda_cross is not None and not (isinstance(self.lambda_cross, (int, float)) and self.lambda_cross >= 0):
+            raise ValueError(f"`lambda_cross` must be a weight >= 0 or null, got {self.lambda_cross!r}")
+        if any(v < 0 for v in self.sweep_agl + self.sweep_ewc + self.sweep_budget + self.sweep_l2 + [self.l2_rho]):
+            raise ValueError("`sweep_agl`, `sweep_ewc`, `sweep_budget`, `sweep_l2` and `l2_rho` must be >= 0")
+        if any(not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0) for v in self.sweep_lr + [self.lora_lr]):
+            raise ValueError(f"`lora_lr` and `sweep_lr` must be learning rates > 0, got {self.lora_lr!r}, "
+                             f"{self.sweep_lr!r}")
+        if any(not 0.0 < v < 1.0 for v in self.sweep_mix + [self.mix_fraction]):
+            raise ValueError(f"`mix_fraction` and `sweep_mix` must be fractions in (0, 1), got {self.mix_fraction!r}, "
+                             f"{self.sweep_mix!r}")
         _check_sweep_terms(self.sweep_terms)
 
     # -- serialisation
@@ -255,19 +274,64 @@ def agl_config_from_dict(d: Dict[str, Any]) -> AGLConfig:
     return AGLConfig.from_dict(d, prefix="agl.")
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How one fine-tune trains: ``settings``, its regulariser (an AGLConfig; None: task loss only), ``lr`` (None:
+    the config's ``lr``) and ``mix``, the fraction of its training examples that are refusal demonstrations
+    (safety-data mixing; 0: none). Its :meth:`key` is what the fine-tune stage hashes."""
+
+    settings: Optional[AGLConfig] = None
+    lr: Optional[float] = None
+    mix: float = 0.0
+
+    def key(self) -> Dict[str, Any]:
+        """``{"settings": {"kind": "lora"} | {"kind": "agl", **fields}}``, plus ``lr`` / ``mix`` only when they
+        differ from the defaults (so the keys of runs made before they existed stay as they were)."""
+        k: Dict[str, Any] = {"settings": ({"kind": "lora"} if self.settings is None
+                                          else {"kind": "agl", **agl_settings(self.settings)})}
+        if self.lr is not None:
+            k["lr"] = float(self.lr)
+        if self.mix:
+            k["mix"] = float(self.mix)
+        return k
+
+    @classmethod
+    def from_key(cls, key: Dict[str, Any]) -> "Recipe":
+        s = key["settings"]
+        settings = None if s["kind"] == "lora" else agl_config_from_dict({k: v for k, v in s.items() if k != "kind"})
+        return cls(settings, key.get("lr"), float(key.get("mix", 0.0)))
+
+
+def method_recipe(cfg: ExperimentConfig, method: str, value: Optional[float] = None, *,
+                  budget: Optional[float] = None) -> Recipe:
+    """How ``method`` trains. ``value`` overrides its main setting: λ_A (AGL and its forms, ablations), λ (EWC), ρ
+    (``l2``), the learning rate (``lora_lr``) or the refusal fraction (``mix``); ``budget`` sets AGL's
+    ``align_budget``. ``lora`` and ``safe_lora`` (LoRA's fine-tune, projected afterwards) train with no regulariser."""
+    if method == "lora_lr":
+        return Recipe(lr=float(cfg.lora_lr if value is None else value))
+    if method == "mix":
+        return Recipe(mix=float(cfg.mix_fraction if value is None else value))
+    return Recipe(method_settings(cfg, method, lam=value, budget=budget))
+
+
 def method_settings(cfg: ExperimentConfig, method: str, *, lam: Optional[float] = None,
                     budget: Optional[float] = None) -> Optional[AGLConfig]:
-    """The regulariser of one method as an AGLConfig (None: no regulariser; ``lora`` and ``safe_lora``, which
-    projects LoRA's update after training). ``lam`` overrides λ_A (AGL) or λ (EWC); ``budget`` sets AGL's
-    ``align_budget``. EWC is ``AGLConfig.ewc``: the Fisher penalty on the whole ΔW, every other term off."""
-    if method in ("lora", "safe_lora"):
+    """The regulariser of one method as an AGLConfig (None: no regulariser; ``lora``, ``lora_lr``, ``mix`` and
+    ``safe_lora``, which projects LoRA's update after training). ``lam`` overrides λ_A (AGL), λ (EWC) or ρ (L2);
+    ``budget`` sets AGL's ``align_budget``. EWC is ``AGLConfig.ewc``: the Fisher penalty on the whole ΔW, every
+    other term off; L2 is ``AGLConfig.l2``: ½ρ·Σ‖ΔW‖²_F, the isotropic proximal penalty (L2-SP)."""
+    if method in ("lora", "safe_lora", "lora_lr", "mix"):
         return None
+    if method == "l2":
+        return AGLConfig.l2(float(cfg.l2_rho if lam is None else lam), backend=cfg.agl.backend)
     base = cfg.agl if lam is None else dataclasses.replace(cfg.agl, lambda_align=float(lam))
     if budget is not None:
         base = dataclasses.replace(base, align_budget=float(budget))
     if method == "agl":
         return base
     if method in ("agl_diagonal", "agl_cross"):  # AGL in either metric (agl.curvature), whatever the default
+        if method == "agl_cross" and lam is None and cfg.lambda_cross is not None:
+            base = dataclasses.replace(base, lambda_align=float(cfg.lambda_cross))
         return dataclasses.replace(base, curvature=method[4:])
     if method in ABLATION_CHANGES:
         change = dict(ABLATION_CHANGES[method])

@@ -7,7 +7,8 @@ Artefacts under ``cfg.out``::
     alignment_state/          stage 2: agl.AlignmentState of the aligned start (task LoRA layout)
     task_data/                stage 3: the generated task (train/dev/test)
     finetune/<run>-s<seed>/   stage 3: LoRA adapter + training log (measured and predicted alignment-loss rise);
-                              <run> = a method, or a frontier grid point (agl-l<λ>, agl-b<budget>, ewc-l<λ>),
+                              <run> = a method, or a frontier grid point (agl-l<λ>, agl-b<budget>, ewc-l<λ>,
+                              lora_lr-<lr>, l2-r<ρ>, mix-p<fraction>),
                               or a term-sweep point (agl-base, agl-t<w>, agl-o<w>, agl-g<w>; dev only);
                               safe_lora = LoRA's adapter projected (no training); checkpoints/step-<k>/: the
                               adapter at every logged step (bench/curvature_decomposition.py); train_log.json has
@@ -31,7 +32,8 @@ from typing import Callable, Dict, List, Optional
 
 from agl._io import atomic_write_json, read_jsonl
 from agl.experiment.config import ExperimentConfig
-from agl.experiment.plan import settings_from_key, stage_plan
+from agl.experiment.config import Recipe
+from agl.experiment.plan import stage_plan
 from agl.experiment.stages import Stage, StageResult
 
 __all__ = ["run_pipeline", "Context"]
@@ -224,15 +226,32 @@ def _build_task_data(ctx: Context, stage: Stage):
     return build
 
 
+def mix_pool(ctx: Context) -> List[dict]:
+    """Safety-data mixing's refusal demonstrations: the aligned start's SFT refusal demonstrations that the alignment
+    state did not use (those past the first ``fisher_samples``), so they are disjoint from the state's data, from
+    the held-out demonstrations of ΔL_align and (calibration split) from every eval prompt."""
+    cfg = ctx.cfg
+    demos = read_jsonl(os.path.join(ctx.stages["aligned_start"].path, "refusal_demos.jsonl"))
+    pool = [{"prompt": r["prompt"], "response": r["response"]} for r in demos[cfg.fisher_samples:]]
+    if not pool:
+        raise ValueError(f"method mix: the aligned start has {len(demos)} refusal demonstrations and the alignment "
+                         f"state uses the first fisher_samples={cfg.fisher_samples}, which leaves none to mix in; "
+                         f"lower fisher_samples or raise align_n_unsafe")
+    return pool
+
+
 def _build_finetune(ctx: Context, stage: Stage, run: str, seed: int):
     def build(tmp):
         from agl.experiment.train import finetune
 
         cfg = ctx.cfg
+        recipe = Recipe.from_key(stage.key)
         aligned, tok = ctx.aligned()
         train = [{"prompt": r["prompt"], "response": r["answer"]} for r in _task_records(ctx, "train")]
-        model, log = finetune(aligned, tok, train, _holdout(ctx), settings=settings_from_key(stage.key["settings"]),
-                              state=_load_state(ctx), seed=seed, steps=cfg.steps, lr=cfg.lr, rank=cfg.rank,
+        model, log = finetune(aligned, tok, train, _holdout(ctx), settings=recipe.settings,
+                              mix_records=mix_pool(ctx) if recipe.mix else (), mix_fraction=recipe.mix,
+                              state=_load_state(ctx), seed=seed, steps=cfg.steps,
+                              lr=cfg.lr if recipe.lr is None else recipe.lr, rank=cfg.rank,
                               lora_alpha=cfg.lora_alpha, batch=cfg.batch, targets=cfg.targets,
                               log_every=cfg.log_every, max_length=cfg.max_length, device=cfg.device,
                               progress=ctx.progress, desc=f"train {run} s{seed}", unit_probe=cfg.agl,
@@ -371,16 +390,16 @@ def _builder(ctx: Context, name: str):
 
 
 def _run_order(cfg: ExperimentConfig, stages: Dict[str, Stage]) -> List[str]:
-    """The plan's order (already topological), except that the main methods' fine-tunes and evaluations go seed by
-    seed, so an interrupted run already has complete seeds."""
+    """The plan's order (already topological), except that every seed's fine-tunes, evaluations and dev stages
+    (main methods first, then the grids) go seed by seed, so an interrupted run already has complete seeds; Safe
+    LoRA (its threshold reads every seed) and the report come last."""
     head = ["task_data", "aligned_start", "eval_start", "alignment_state"]
-    main = []
-    for seed in dict.fromkeys([*cfg.seeds, *(cfg.ablation_seeds or [])]):
-        for m in cfg.methods:
-            if m != "safe_lora" and seed in cfg.seeds_for(m):
-                main += [f"finetune/{m}-s{seed}", f"evaluate/{m}-s{seed}"]
-    rest = [n for n in stages if n not in head and n not in main and n != "report"]
-    return head + main + rest + ["report"]
+    per_seed = []
+    for seed in dict.fromkeys([*cfg.seeds, *cfg.grid_seeds(), *(cfg.ablation_seeds or [])]):
+        per_seed += [n for n in stages if n.split("/")[0] in ("finetune", "evaluate", "dev")
+                     and n.rsplit("-s", 1)[-1] == str(seed) and not n.split("/")[1].startswith("safe_lora-")]
+    rest = [n for n in stages if n not in head and n not in per_seed and n != "report"]
+    return head + per_seed + rest + ["report"]
 
 
 def run_pipeline(cfg: ExperimentConfig, *, model_factory: Optional[Callable] = None, progress: bool = True,

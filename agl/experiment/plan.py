@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from agl.experiment.config import (EVAL_VERSION, STAGE_FIELDS, ExperimentConfig, agl_config_from_dict, agl_settings,
-                                   method_settings, stable_hash, term_settings)
+from agl.experiment.config import (EVAL_VERSION, STAGE_FIELDS, ExperimentConfig, Recipe, method_recipe, stable_hash,
+                                   term_settings)
 from agl.experiment.stages import Stage
 
-__all__ = ["settings_key", "settings_from_key", "grid_points", "run_names", "stage_plan", "KEYLESS_FIELDS"]
+__all__ = ["GRIDS", "settings_key", "recipe_hash", "grid_points", "run_names", "stage_plan", "KEYLESS_FIELDS"]
 
 # the ExperimentConfig fields no stage key holds, and why: where or how fast an artefact is made, not what it is (up
 # to float rounding). Every other field must change some stage key or the set of stages
@@ -30,32 +30,39 @@ def _fmt_lam(x: float) -> str:
 
 def settings_key(settings) -> dict:
     """A fine-tune's regulariser as a JSON-able stage key: ``{"kind": "lora"}`` or ``{"kind": "agl", **fields}``."""
-    return {"kind": "lora"} if settings is None else {"kind": "agl", **agl_settings(settings)}
+    return Recipe(settings).key()["settings"]
 
 
-def settings_from_key(key: dict):
-    return None if key["kind"] == "lora" else agl_config_from_dict({k: v for k, v in key.items() if k != "kind"})
+def recipe_hash(recipe: Recipe) -> str:
+    return stable_hash(recipe.key())
+
+
+# the frontier grids: (kind, axis, the config's grid field, label prefix, strength of a value: larger = stronger)
+GRIDS = (("agl", "lambda", "sweep_agl", "l", float), ("agl", "budget", "sweep_budget", "b", lambda v: -v),
+         ("ewc", "lambda", "sweep_ewc", "l", float), ("lora_lr", "lr", "sweep_lr", "", lambda v: -v),
+         ("l2", "rho", "sweep_l2", "r", float), ("mix", "fraction", "sweep_mix", "p", float))
 
 
 def grid_points(cfg: ExperimentConfig) -> List[dict]:
-    """The frontier grids: ``{"kind": "agl"|"ewc", "axis": "lambda"|"budget", "value", "label", "settings",
-    "strength"}`` (strength: larger = more regularisation; a smaller budget is stronger), then the term sweeps
-    (kind ``"term"``, dev data only, not on the frontier): ``agl-base`` (axis None: every swept term at 0) and
-    ``agl-t<w>``, ``agl-o<w>``, ``agl-g<w>`` (axis = the term, value = strength = its weight; config.term_settings)."""
+    """The frontier grids: ``{"kind", "axis", "value", "label", "recipe", "settings", "strength"}`` (``GRIDS``:
+    AGL on λ_A or a budget, EWC on λ, plain LoRA on its learning rate, L2-SP on ρ, safety-data mixing on the
+    refusal fraction; strength: larger = more regularisation, so a smaller budget or learning rate is stronger),
+    then the term sweeps (kind ``"term"``, dev data only, not on the frontier): ``agl-base`` (axis None: every
+    swept term at 0) and ``agl-t<w>``, ``agl-o<w>``, ``agl-g<w>`` (axis = the term, value = strength = its weight;
+    config.term_settings). ``settings`` is the recipe's regulariser."""
     out = []
-    for kind, axis, values in (("agl", "lambda", cfg.sweep_agl), ("agl", "budget", cfg.sweep_budget),
-                               ("ewc", "lambda", cfg.sweep_ewc)):
-        for v in values:
-            st = method_settings(cfg, kind, **({"lam": v} if axis == "lambda" else {"budget": v}))
-            out.append({"kind": kind, "axis": axis, "value": float(v), "settings": st,
-                        "label": f"{kind}-{'l' if axis == 'lambda' else 'b'}{_fmt_lam(v)}",
-                        "strength": float(v) if axis == "lambda" else -float(v)})
+    for kind, axis, field, prefix, strength in GRIDS:
+        for v in getattr(cfg, field):
+            r = method_recipe(cfg, kind, budget=v) if axis == "budget" else method_recipe(cfg, kind, v)
+            out.append({"kind": kind, "axis": axis, "value": float(v), "recipe": r, "settings": r.settings,
+                        "label": f"{kind}-{prefix}{_fmt_lam(v)}", "strength": strength(float(v))})
     terms = [(t, w) for t, ws in cfg.sweep_terms.items() for w in ws]
     if terms:
-        out.append({"kind": "term", "axis": None, "value": 0.0, "settings": term_settings(cfg), "label": "agl-base",
-                    "strength": 0.0})
+        out.append({"kind": "term", "axis": None, "value": 0.0, "recipe": Recipe(term_settings(cfg)),
+                    "settings": term_settings(cfg), "label": "agl-base", "strength": 0.0})
     for t, w in terms:
-        out.append({"kind": "term", "axis": t, "value": w, "settings": term_settings(cfg, t, w),
+        st = term_settings(cfg, t, w)
+        out.append({"kind": "term", "axis": t, "value": w, "recipe": Recipe(st), "settings": st,
                     "label": f"agl-{t[0]}{_fmt_lam(w)}", "strength": w})
     return out
 
@@ -69,11 +76,11 @@ def run_names(cfg: ExperimentConfig) -> Dict[str, Dict[int, str]]:
     for m in cfg.methods:
         if m != "safe_lora":
             for s in cfg.seeds_for(m):
-                main.setdefault((stable_hash(settings_key(method_settings(cfg, m))), s), m)
+                main.setdefault((recipe_hash(method_recipe(cfg, m)), s), m)
     shared = dict(main)  # main runs, then every grid point's run in order
     out = {"lora": {s: "lora" for s in dict.fromkeys([*cfg.grid_seeds(), *cfg.seeds])}}
     for p in grid_points(cfg):
-        h = stable_hash(settings_key(p["settings"]))
+        h = recipe_hash(p["recipe"])
         runs = shared if p["kind"] == "term" else main
         out[p["label"]] = {s: runs.get((h, s), p["label"]) for s in cfg.grid_seeds()}
         for s, run in out[p["label"]].items():
@@ -98,9 +105,9 @@ def stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
     add("alignment_state", "alignment_state", ["aligned_start"])
     train_up = ["aligned_start", "task_data", "alignment_state"]  # every run logs the predicted rise: all need F
 
-    def train(run, seed, settings):
+    def train(run, seed, recipe: Recipe):
         if f"finetune/{run}-s{seed}" not in S:
-            add(f"finetune/{run}-s{seed}", "finetune", train_up, extra={"settings": settings_key(settings), "seed": seed})
+            add(f"finetune/{run}-s{seed}", "finetune", train_up, extra={**recipe.key(), "seed": seed})
 
     def evaluate(run, seed):
         if f"evaluate/{run}-s{seed}" not in S:
@@ -115,14 +122,14 @@ def stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
     for m in cfg.methods:
         if m != "safe_lora":
             for s in cfg.seeds_for(m):
-                train(m, s, method_settings(cfg, m))
+                train(m, s, method_recipe(cfg, m))
                 evaluate(m, s)
     names = run_names(cfg)
     points = grid_points(cfg)
     frontier = [p for p in points if p["kind"] != "term"]  # term points are dev-only: never evaluated
     if points or "safe_lora" in cfg.methods:  # LoRA's dev EM is the operating-point rules' reference
         for s in (cfg.grid_seeds() if points else []) + (cfg.seeds if "safe_lora" in cfg.methods else []):
-            train("lora", s, None)
+            train("lora", s, Recipe())
             dev("lora", s)
         if cfg.sweep_eval:
             for s in cfg.grid_seeds() if frontier else []:
@@ -130,7 +137,7 @@ def stage_plan(cfg: ExperimentConfig) -> Dict[str, Stage]:
     for p in points:
         for s in cfg.grid_seeds():
             run = names[p["label"]][s]
-            train(run, s, p["settings"])
+            train(run, s, p["recipe"])
             dev(run, s)
             if cfg.sweep_eval and p["kind"] != "term":
                 evaluate(run, s)

@@ -6,6 +6,9 @@ Methods (see ``agl.experiment.config.method_settings``):
 - ``agl``, its ablations and ``ewc``: task loss + ``agl.AGLLoss`` with the method's ``AGLConfig`` (EWC is
   ``AGLConfig.ewc``: the Fisher penalty on the whole update, every other term off; the fused op computes it as the
   align term with B_align = B and A_align = A, so ΔW is never materialised with the kernel backend).
+- ``lora_lr``: plain LoRA at another learning rate; ``l2``: ``AGLConfig.l2``, the isotropic proximal penalty.
+- ``mix``: plain LoRA with a fraction of the training examples replaced by refusal demonstrations
+  (:func:`example_schedule`: safety-data mixing).
 - ``safe_lora`` is not trained: it projects the LoRA fine-tune afterwards (``agl.experiment.safe_lora``).
 
 Every ``log_every`` steps (and before the first) the loop measures the alignment loss: the mean per-token NLL of
@@ -18,13 +21,13 @@ from __future__ import annotations
 import copy
 import random
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from agl.experiment._common import chat_batches, lora_config, mean_nll, to_device
 
-__all__ = ["AlignmentProbe", "finetune", "make_regulariser", "unit_weights"]
+__all__ = ["AlignmentProbe", "example_schedule", "finetune", "make_regulariser", "unit_weights"]
 
 
 class AlignmentProbe:
@@ -74,6 +77,32 @@ def unit_weights(settings):
     return dataclasses.replace(settings, lambda_align=1.0, lambda_task=1.0, lambda_collision=1.0, align_budget=None)
 
 
+def example_schedule(n_train: int, steps: int, batch: int, seed: int, n_mix: int = 0,
+                     mix_fraction: float = 0.0) -> List[List[Tuple[str, int]]]:
+    """Which example fills each slot of each step: ``steps`` lists of ``batch`` pairs ``("task", i)`` (an index
+    into the task data) or ``("mix", j)`` (into the ``n_mix`` refusal demonstrations).
+
+    Task examples come in seeded shuffled passes over the data (``random.Random(seed)``: the same order for every
+    method of a seed). With mixing, k = round(mix_fraction · steps · batch) slots, spread evenly over the run
+    (slot ⌊(j + ½)·N/k⌋ of the N slots, j < k), hold refusal demonstrations instead, in seeded shuffled passes
+    of their own; the task stream skips no example, it only arrives later."""
+    if mix_fraction and not n_mix:
+        raise ValueError("example_schedule: mix_fraction > 0 needs refusal demonstrations (n_mix > 0)")
+    total = steps * batch
+    k = round(mix_fraction * total) if mix_fraction else 0
+    mix_slots = {int((j + 0.5) * total / k) for j in range(k)}
+
+    def passes(n, rng):
+        while True:
+            perm = list(range(n))
+            rng.shuffle(perm)
+            yield from perm
+
+    task, mix = passes(n_train, random.Random(seed)), passes(n_mix, random.Random(seed + 1_000_003))
+    slots = [("mix", next(mix)) if i in mix_slots else ("task", next(task)) for i in range(total)]
+    return [slots[i:i + batch] for i in range(0, total, batch)]
+
+
 def finetune(
     aligned_model,
     tokenizer,
@@ -96,6 +125,8 @@ def finetune(
     desc: str = "fine-tune",
     unit_probe=None,
     on_log=None,
+    mix_records: Sequence[dict] = (),
+    mix_fraction: float = 0.0,
 ):
     """Fine-tunes a LoRA adapter on ``train_records`` (``{"prompt", "response"}``) on a copy of ``aligned_model``
     with the regulariser ``settings`` (an AGLConfig, or None for plain LoRA). Returns ``(peft_model, log)``; ``log``
@@ -107,7 +138,9 @@ def finetune(
     each weighted term pulls); without a regulariser and with ``unit_probe`` (an AGLConfig), ``grad_shares_unit``:
     the same for ``unit_weights(unit_probe)`` (the terms' natural scale at LoRA's adapter) and its settings.
     ``on_log(step, model)``: called at every logged step after the first (the pipeline saves the adapter there:
-    ``checkpoints/step-<k>/``, what ``bench/curvature_decomposition.py`` reads)."""
+    ``checkpoints/step-<k>/``, what ``bench/curvature_decomposition.py`` reads). ``mix_records`` (``{"prompt",
+    "response"}`` refusal demonstrations) fill a ``mix_fraction`` of the training slots (:func:`example_schedule`);
+    the log then has ``mix`` (fraction, slots, distinct demonstrations)."""
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
@@ -119,9 +152,9 @@ def finetune(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
+    schedule = example_schedule(len(train_records), steps, batch, seed, len(mix_records), mix_fraction)
+    pools = {"task": train_records, "mix": mix_records}
     hold = chat_batches(tokenizer, list(holdout_records), max_length, 16)
-    order: List[int] = []
     tokens = 0
     L0 = mean_nll(model, hold, device)
     curve = [{"step": 0, "tokens": 0, "align_loss": L0, "delta_align_loss": 0.0, **probe()}]
@@ -130,12 +163,8 @@ def finetune(
     t0 = time.time()
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False, unit="step")
     for step in bar:
-        if len(order) < batch:
-            perm = list(range(len(train_records)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[:batch], order[batch:]
-        b = to_device(chat_batches(tokenizer, [train_records[i] for i in idx], max_length, batch)[0], device)
+        recs = [pools[src][i] for src, i in schedule[step - 1]]
+        b = to_device(chat_batches(tokenizer, recs, max_length, batch)[0], device)
         tokens += int(b["attention_mask"].sum())
         out = model(**b)
         task = out.loss
@@ -158,6 +187,10 @@ def finetune(
 
     log = {"settings": None if settings is None else agl_settings(settings), "seed": seed, "steps": steps, "tokens": tokens, "curve": curve,
            "task_loss": task_losses, "terms": terms_log, "seconds": round(time.time() - t0, 2)}
+    if mix_fraction:
+        used = [i for step in schedule for src, i in step if src == "mix"]
+        log["mix"] = {"fraction": mix_fraction, "slots": len(used), "distinct": len(set(used)),
+                      "pool": len(mix_records)}
     if reg is not None:
         log["grad_shares"] = reg.gradient_shares()
     elif unit_probe is not None:

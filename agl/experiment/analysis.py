@@ -177,7 +177,7 @@ def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dic
     refs = {k: (None if ops[k] is None else ops[k]["label"]) for k in kinds if k != "agl"}
     if sl is not None:
         refs["safe_lora"] = "safe_lora"
-    curve = [arrays["lora"]] + [arrays[r["label"]] for r in _curve(rows, "agl", axis)] if cfg.sweep_eval else []
+    curve = ([arrays["lora"]] + [arrays[r["label"]] for r in _curve(rows, "agl", axis)]) if cfg.sweep_eval else []
     out["pairwise"] = {}
     for b, label in refs.items():
         entry, err, ref = None, None, None

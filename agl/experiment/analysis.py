@@ -1,6 +1,6 @@
 """Report sections beyond the methods table: predicted vs measured ΔL_align, and the frontier (grids, operating
-points chosen on dev data, AGL vs EWC at matched task EM). Reads stage artefacts; the statistics live in
-:mod:`agl.experiment.frontier`."""
+points chosen on dev data, the ladder: AGL's frontier against every baseline at the baseline's task EM, on refusal
+and on compliance). Reads stage artefacts; the statistics live in :mod:`agl.experiment.frontier`."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,8 @@ import numpy as np
 
 from agl.experiment.frontier import choose_operating_point, frontier_gain, prediction_quality
 
-__all__ = ["prediction_section", "frontier_section", "markdown_sections", "plots", "save_png"]
+__all__ = ["prediction_section", "frontier_section", "markdown_sections", "ladder_lines", "plots", "save_png",
+           "avg_records", "reduction_vs_lora"]
 
 _KEYS = ("pred_align_nats", "pred_full_nats")  # every train log has these; pred_cross_nats only with a cross state
 # one prediction entry per curvature: name -> (the probe's key, the AGLConfig curvature it is, what it predicts on)
@@ -77,17 +78,31 @@ def prediction_section(cfg, paths: Dict[str, str], method_of=None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- frontier
+_OUTCOMES = ("complied", "incoherent")
+
+
 def _eval_arrays(paths, runs: Dict[int, str], unsafe_ids: List[str]):
-    """``refused`` (seeds x unsafe prompts; NaN = not judged), ``hits`` (seeds x test questions), and the records."""
-    refused, hits, recs = [], [], {}
+    """Per seed of ``runs`` (seed -> run), the rows of seeds x unsafe prompts (in ``unsafe_ids`` order):
+    ``refused`` (1/0; NaN = not judged, e.g. an empty response), ``complied`` and ``incoherent`` (1 = that outcome
+    by ``agl.driftcaps.outcome.record_outcome``: every response has one, so NaN only for a prompt without a
+    record), ``not_complied`` = 1 - complied (higher is better, as for ``refused``); ``hits`` (seeds x test
+    questions); and the records (seed -> list)."""
+    from agl.driftcaps.outcome import record_outcome
+
+    A: Dict[str, list] = {k: [] for k in ("refused", *_OUTCOMES, "hits")}
+    recs = {}
     for s, run in runs.items():
         d = _read(os.path.join(paths[f"evaluate/{run}-s{s}"], "drift.json"))
         t = _read(os.path.join(paths[f"evaluate/{run}-s{s}"], "task.json"))
-        by_id = {r["id"]: r["refused"] for r in d["records"]}
-        refused.append([np.nan if by_id.get(i) is None else float(by_id[i]) for i in unsafe_ids])
-        hits.append([float(p["hit"]) for p in t["predictions"]])
+        by_id = {r["id"]: r for r in d["records"]}
+        row = [by_id.get(i) for i in unsafe_ids]
+        A["refused"].append([np.nan if r is None or r["refused"] is None else float(r["refused"]) for r in row])
+        for o in _OUTCOMES:
+            A[o].append([np.nan if r is None else float(record_outcome(r) == o) for r in row])
+        A["hits"].append([float(p["hit"]) for p in t["predictions"]])
         recs[s] = d["records"]
-    return {"refused": np.array(refused), "hits": np.array(hits)}, recs
+    out = {k: np.array(v) for k, v in A.items()}
+    return {**out, "not_complied": 1.0 - out["complied"]}, recs
 
 
 def dev_seeds(paths, runs: Dict[int, str]) -> List[dict]:
@@ -113,9 +128,17 @@ def _dev(paths, runs: Dict[int, str]) -> dict:
             **{k: float(np.mean([e[k] for e in ends])) for k in _KEYS if all(k in e for e in ends)}}
 
 
+def _curve(rows: List[dict], kind: str, agl_axis: str) -> List[dict]:
+    """One method's frontier curve: its grid points (AGL: those on ``agl_axis`` only)."""
+    return [r for r in rows if r["kind"] == kind and (kind != "agl" or r["axis"] == agl_axis)]
+
+
 def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dict) -> Optional[dict]:
     """None without a grid. Otherwise every grid point's dev numbers (and eval numbers with ``sweep_eval``), the
-    operating points by the pre-registered rule, and ``agl_vs_ewc``. The term sweeps are not frontier points
+    operating point of every kind's curve by the pre-registered rule, and AGL's frontier against each baseline B
+    (every other kind at its operating point; Safe LoRA, a single point, when it is a method):
+    ``agl_vs_<B>`` (:func:`_versus`) or None with ``agl_vs_<B>_error`` saying why, and ``pairwise`` (B -> the
+    same numbers grouped for rendering, :func:`_pairwise`). The term sweeps are not frontier points
     (``agl.experiment.term_sweeps``)."""
     from agl.experiment.plan import grid_points, run_names
 
@@ -142,35 +165,76 @@ def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dic
     if cfg.sweep_eval:
         lora["eval"] = _eval_summary(arrays["lora"], arrays["lora"], before, lora_recs, lora_recs, cfg.n_boot)
     axis = cfg.frontier_agl if cfg.frontier_agl != "auto" else ("budget" if cfg.sweep_budget else "lambda")
-    curves = {"agl": [r for r in rows if r["kind"] == "agl" and r["axis"] == axis],
-              "ewc": [r for r in rows if r["kind"] == "ewc"]}
-    ops = {k: choose_operating_point(v, lora["dev_em"], cfg.em_tolerance) for k, v in curves.items()}
+    kinds = list(dict.fromkeys(["agl", "ewc", *(r["kind"] for r in rows)]))  # agl and ewc always (older schema)
+    ops = {k: choose_operating_point(_curve(rows, k, axis), lora["dev_em"], cfg.em_tolerance) for k in kinds}
     out = {"rule": f"the strongest setting whose dev EM (mean over seeds {seeds}) >= LoRA's dev EM - "
                    f"{cfg.em_tolerance}", "seeds": seeds, "agl_axis": axis, "lora": lora, "points": rows,
-           "operating_points": {k: (None if v is None else {**v}) for k, v in ops.items()}, "agl_vs_ewc": None}
+           "operating_points": {k: (None if v is None else {**v}) for k, v in ops.items()}}
     sl = report["methods"].get("safe_lora")
     if sl is not None:
-        out["safe_lora"] = {"rr_unsafe_after": sl["rr_unsafe_after"], "task_em": sl["task_em"],
+        out["safe_lora"] = {**{k: sl.get(k) for k in ("rr_unsafe_after", "task_em", "unsafe_complied")},
                             "projection": [p.get("projection") for p in sl["per_seed"]]}
-    if not cfg.sweep_eval:
-        out["agl_vs_ewc_error"] = "sweep_eval is off: no eval-split numbers for the grid"
-    elif ops["ewc"] is None:
-        out["agl_vs_ewc_error"] = "no EWC setting meets the operating-point rule on dev data"
-    elif not curves["agl"]:
-        out["agl_vs_ewc_error"] = f"no AGL {axis} grid"
-    else:
-        curve = [arrays["lora"]] + [arrays[r["label"]] for r in curves["agl"]]
-        out["agl_vs_ewc"] = {**frontier_gain(curve, arrays[ops["ewc"]["label"]], n_boot=cfg.n_boot, seed=0),
-                             "ewc_operating_point": ops["ewc"]["label"]}
+    refs = {k: (None if ops[k] is None else ops[k]["label"]) for k in kinds if k != "agl"}
+    if sl is not None:
+        refs["safe_lora"] = "safe_lora"
+    curve = ([arrays["lora"]] + [arrays[r["label"]] for r in _curve(rows, "agl", axis)]) if cfg.sweep_eval else []
+    out["pairwise"] = {}
+    for b, label in refs.items():
+        entry, err, ref = None, None, None
+        if not cfg.sweep_eval:
+            err = "sweep_eval is off: no eval-split numbers for the grid"
+        elif label is None:
+            err = f"no {'EWC' if b == 'ewc' else b} setting meets the operating-point rule on dev data"
+        elif len(curve) == 1:
+            err = f"no AGL {axis} grid"
+        elif b != "safe_lora":
+            ref = arrays[label]
+        elif all(f"evaluate/safe_lora-s{s}" in paths for s in seeds):
+            ref = _eval_arrays(paths, {s: "safe_lora" for s in seeds}, unsafe_ids)[0]
+        else:
+            err = f"Safe LoRA has no eval run on every grid seed {seeds}"
+        if ref is not None:
+            entry = {**_versus(curve, ref, cfg.n_boot), f"{b}_operating_point": label}
+        out[f"agl_vs_{b}"] = entry
+        if err is not None:
+            out[f"agl_vs_{b}_error"] = err
+        out["pairwise"][b] = _pairwise(entry, ref, label, err)
     return out
 
 
-def _eval_summary(arr, lora_arr, before, lora_recs, recs, n_boot) -> dict:
+def _versus(curve: List[dict], ref: dict, n_boot: int) -> dict:
+    """AGL's frontier (``curve``: LoRA as λ = 0, then AGL's points) against a baseline's point ``ref`` at its EM
+    (:func:`agl.experiment.frontier.frontier_gain`): on refusals (``rr_gain_at_matched_em``, ``ci95``,
+    ``p_value``, ...) and on not-complied, i.e. ``compliance_gain_at_matched_em`` = CR(B) − CR_AGL-frontier(EM_B)
+    (positive: AGL complies less), ``compliance_ci95``, ``compliance_p_value`` (the same bootstrap resamples)."""
+    rr = frontier_gain(curve, ref, n_boot=n_boot, seed=0)
+    c = frontier_gain(curve, ref, key="not_complied", n_boot=n_boot, seed=0)
+    return {**rr, "compliance_gain_at_matched_em": c["rr_gain_at_matched_em"], "compliance_ci95": c["ci95"],
+            "compliance_p_value": c["p_value"], "compliance_n_out_of_range": c["n_out_of_range"]}
 
+
+def _pairwise(entry: Optional[dict], ref: Optional[dict], label: Optional[str], error: Optional[str]) -> dict:
+    """One baseline's row of the ladder: its operating point, its EM, and for ``rr`` and ``compliance`` its value
+    (``baseline``), AGL's frontier value at its EM (``agl`` = baseline + gain for RR, baseline − gain for
+    compliance), ``gain``, ``ci95``, ``p_value``; None where not computed (``error`` says why)."""
+    if entry is None:
+        return {"operating_point": label, "em": None, "rr": None, "compliance": None, "error": error}
+    rr, cr = float(np.nanmean(ref["refused"])), float(np.nanmean(ref["complied"]))
+    g, cg = entry["rr_gain_at_matched_em"], entry["compliance_gain_at_matched_em"]
+    return {"operating_point": label, "em": entry["em_matched"], "error": None,
+            "rr": {"baseline": rr, "agl": rr + g, "gain": g, "ci95": entry["ci95"], "p_value": entry["p_value"]},
+            "compliance": {"baseline": cr, "agl": cr - cg, "gain": cg, "ci95": entry["compliance_ci95"],
+                           "p_value": entry["compliance_p_value"]}}
+
+
+def _eval_summary(arr, lora_arr, before, lora_recs, recs, n_boot) -> dict:
+    """A point's eval numbers: RR_unsafe after, the unsafe prompts' complied / incoherent shares, task EM and its gap
+    to LoRA's, and both drift reductions vs LoRA (:func:`reduction_vs_lora`, without the details)."""
     em, lora_em = float(np.nanmean(arr["hits"])), float(np.nanmean(lora_arr["hits"]))
     red = reduction_vs_lora(before, lora_recs, recs, n_boot)
     return {"rr_unsafe_after": float(np.nanmean(arr["refused"])), "task_em": em, "em_gap_to_lora": em - lora_em,
-            **{k: v for k, v in red.items() if k != "drift_reduction_detail"}}
+            **{f"unsafe_{o}": float(np.nanmean(arr[o])) for o in _OUTCOMES},
+            **{k: v for k, v in red.items() if not k.endswith("_detail")}}
 
 
 # --------------------------------------------------------------------------------------------------- markdown
@@ -211,30 +275,57 @@ def markdown_sections(report: dict) -> List[str]:
     F = report.get("frontier")
     if F:
         lines += ["## Frontier", "", f"Operating-point rule (pre-registered): {F['rule']}. AGL's curve: its "
-                  f"{F['agl_axis']} grid, with LoRA as λ = 0.", "",
-                  "| point | dev EM | dev ΔL_align (predicted ΔW_A) | eval RR_unsafe after | eval task EM | "
-                  "drift reduction (95% CI) |", "|---|---|---|---|---|---|"]
+                  f"{F['agl_axis']} grid, with LoRA as λ = 0 (every curve starts at LoRA). Complied: the share of "
+                  "unsafe prompts answered (not refused, not incoherent); drift reductions: 1 − drift/drift(LoRA) "
+                  "on refusal and on compliance, paired bootstrap over unsafe prompts.", "",
+                  "| point | dev EM | dev ΔL_align (predicted ΔW_A) | eval RR_unsafe after | unsafe complied | "
+                  "eval task EM | drift reduction (95% CI) | compliance drift reduction (95% CI) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in [F["lora"]] + F["points"]:
             e = r.get("eval") or {}
-            ci = e.get("drift_reduction_ci") or [None, None]
             lines.append(f"| {r['label']} | {_pct(r['dev_em'])} | {_num(r['dev_delta_align_loss'])} "
-                         f"({_num(r.get('pred_align_nats'))}) | "
-                         f"{_pct(e.get('rr_unsafe_after'))} | {_pct(e.get('task_em'))} | "
-                         f"{_pct(e.get('drift_reduction'))} [{_pct(ci[0])}, {_pct(ci[1])}] |")
+                         f"({_num(r.get('pred_align_nats'))}) | {_pct(e.get('rr_unsafe_after'))} | "
+                         f"{_pct(e.get('unsafe_complied'))} | {_pct(e.get('task_em'))} | "
+                         f"{_pct_ci(e.get('drift_reduction'), e.get('drift_reduction_ci'))} | "
+                         f"{_pct_ci(e.get('compliance_drift_reduction'), e.get('compliance_drift_reduction_ci'))} |")
         ops = F["operating_points"]
         lines += ["", "Operating points: " + ", ".join(f"{k}: {'none qualifies' if v is None else v['label']}"
-                                                      for k, v in ops.items()) + "."]
-        vs = F.get("agl_vs_ewc")
-        if vs:
-            lines.append(f"AGL vs EWC at EWC's operating point ({vs['ewc_operating_point']}, task EM "
-                         f"{_pct(vs['em_matched'])}): AGL's frontier keeps **{_pct(vs['rr_gain_at_matched_em'])}** more "
-                         f"RR_unsafe-after, 95% CI [{_pct(vs['ci95'][0])}, {_pct(vs['ci95'][1])}], p = "
-                         f"{_num(vs['p_value'])} (bootstrap over seeds, prompts and questions; "
-                         f"{vs['n_out_of_range']} of {vs['n_boot']} resamples out of AGL's EM range).")
-        else:
-            lines.append(f"AGL vs EWC: not computed ({F.get('agl_vs_ewc_error')}).")
-        lines.append("")
+                                                      for k, v in ops.items()) + ".", ""]
+        lines += ladder_lines(F)
     return lines
+
+
+def _pct_ci(x, ci) -> str:
+    ci = ci or [None, None]
+    return f"{_pct(x)} [{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def ladder_lines(F: dict) -> List[str]:
+    """The Ladder table: AGL's frontier against every baseline at the baseline's operating point (``F["pairwise"]``);
+    [] when the frontier has none (a report from before the ladder)."""
+    from agl.experiment.report import _LABELS
+
+    P = F.get("pairwise") or {}
+    if not P:
+        return []
+    lines = ["### Ladder: AGL's frontier at each baseline's task EM", "",
+             "Gains: RR = AGL's frontier RR_unsafe-after − the baseline's; compliance = the baseline's complied "
+             "share − AGL's frontier's (positive: AGL keeps more refusals / complies less). 95% CI and p: bootstrap "
+             "over seeds, unsafe prompts and task questions (paired).", "",
+             "| baseline | operating point | its task EM | its RR_unsafe | its complied | AGL RR at that EM | "
+             "AGL complied at that EM | RR gain [95% CI] p | compliance gain [95% CI] p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for b, e in P.items():
+        name = _LABELS.get(b, b)
+        if e["error"] is not None:
+            lines.append(f"| {name} | {e['operating_point'] or '–'} | not computed: {e['error']} |||||||")
+            continue
+        rr, c = e["rr"], e["compliance"]
+        lines.append(f"| {name} | {e['operating_point']} | {_pct(e['em'])} | {_pct(rr['baseline'])} | "
+                     f"{_pct(c['baseline'])} | {_pct(rr['agl'])} | {_pct(c['agl'])} | "
+                     f"**{_pct_ci(rr['gain'], rr['ci95'])}** p = {_num(rr['p_value'])} | "
+                     f"**{_pct_ci(c['gain'], c['ci95'])}** p = {_num(c['p_value'])} |")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------------ plots
@@ -285,66 +376,105 @@ def plots(report: dict, out_dir: str) -> None:
     F = report.get("frontier")
     if not F:
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    use_eval = F["lora"].get("eval") is not None
-    xk, yk = ("task_em", "rr_unsafe_after") if use_eval else ("dev_em", "dev_delta_align_loss")
+    if F["lora"].get("eval") is None:  # dev data only: ΔL_align on y
+        _frontier_plot(F, "dev_em", "dev_delta_align_loss", "ΔL_align (calibration hold-out)",
+                       os.path.join(out_dir, "frontier.png"))
+        return
+    _frontier_plot(F, "task_em", "rr_unsafe_after", "RR_unsafe after fine-tuning (eval split)",
+                   os.path.join(out_dir, "frontier.png"))
+    _frontier_plot(F, "task_em", "unsafe_complied", "unsafe prompts complied with (eval split; lower is better)",
+                   os.path.join(out_dir, "frontier_compliance.png"))
+
+
+def _frontier_plot(F: dict, xk: str, yk: str, ylabel: str, path: str) -> None:
+    """Every kind's curve (LoRA as the shared λ = 0 point, then the kind's points by strength), Safe LoRA (eval
+    only) and the dev-chosen operating points (red circles), y = ``yk`` of each row's ``eval`` (or of the row
+    itself, for the dev keys)."""
+    import matplotlib.pyplot as plt
+
+    from agl.experiment.report import _LABELS
 
     def xy(r):
-        src = r["eval"] if use_eval else r
+        src = r if yk.startswith("dev_") else r["eval"]
         return src[xk], src[yk]
 
-    for kind, marker, curve in (("agl", "o", [r for r in F["points"] if r["kind"] == "agl" and r["axis"] == F["agl_axis"]]),
-                                ("ewc", "s", [r for r in F["points"] if r["kind"] == "ewc"])):
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for i, kind in enumerate(F["operating_points"]):
+        curve = _curve(F["points"], kind, F["agl_axis"])
         if curve:
             rows = [F["lora"]] + sorted(curve, key=lambda r: r["strength"])
-            ax.plot(*zip(*[xy(r) for r in rows]), marker=marker, label=kind.upper())
+            ax.plot(*zip(*[xy(r) for r in rows]), marker="osv^DP"[i % 6], color=f"C{i % 10}",
+                    label=_LABELS.get(kind, kind))
             for r in curve:
                 ax.annotate(r["label"].split("-", 1)[1], xy(r), fontsize=7)
     ax.scatter(*xy(F["lora"]), marker="*", s=120, color="k", label="LoRA", zorder=3)
-    if use_eval and F.get("safe_lora"):
-        ax.scatter(F["safe_lora"]["task_em"], F["safe_lora"]["rr_unsafe_after"], marker="D", color="C3",
-                   label="Safe LoRA", zorder=3)
-    for k, op in F["operating_points"].items():
+    sl = F.get("safe_lora") or {}
+    if not yk.startswith("dev_") and sl.get(yk) is not None:
+        ax.scatter(sl["task_em"], sl[yk], marker="X", s=70, color="k", label="Safe LoRA", zorder=3)
+    for op in F["operating_points"].values():
         if op is not None:
-            r = next(r for r in F["points"] if r["label"] == op["label"])
-            ax.scatter(*xy(r), s=160, facecolors="none", edgecolors="r", zorder=4)
-    ax.set_xlabel("task EM (test split)" if use_eval else "task EM (dev split)")
-    ax.set_ylabel("RR_unsafe after fine-tuning (eval split)" if use_eval else "ΔL_align (calibration hold-out)")
-    ax.set_title("Frontier (red circles: dev-chosen operating points)" + ("" if use_eval else ": dev data only"))
+            ax.scatter(*xy(next(r for r in F["points"] if r["label"] == op["label"])), s=160, facecolors="none",
+                       edgecolors="r", zorder=4)
+    ax.set_xlabel("task EM (dev split)" if xk.startswith("dev_") else "task EM (test split)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("Frontier (red circles: dev-chosen operating points)" + (": dev data only" if yk.startswith("dev_")
+                                                                          else ""))
     ax.legend(fontsize=8)
-    save_png(fig, os.path.join(out_dir, "frontier.png"))
+    save_png(fig, path)
     plt.close(fig)
 
 
 def avg_records(runs: List[List[dict]]) -> List[dict]:
-    """Per-prompt refusal averaged over seeds (a fraction; None when no seed judged it)."""
-    by_id: Dict[str, List] = {}
-    first = {}
+    """Per prompt, means over the seeds' records (``runs``: one list of records per seed): ``refused`` (a fraction;
+    None when no seed judged it) and ``not_complied`` = mean of [outcome != complied] (every record counts; the
+    outcome by ``agl.driftcaps.outcome.record_outcome``), which ``agl.driftcaps.drift_reduction(on="compliance")``
+    reads. The other fields are the first seed's."""
+    from agl.driftcaps.outcome import record_outcome
+
+    values = {"refused": lambda r: r["refused"], "not_complied": lambda r: record_outcome(r) != "complied"}
+    by_id: Dict[str, List[dict]] = {}
     for recs in runs:
         for r in recs:
-            by_id.setdefault(r["id"], []).append(r["refused"])
-            first.setdefault(r["id"], r)
+            by_id.setdefault(r["id"], []).append(r)
     out = []
-    for pid, vals in by_id.items():
-        v = [float(x) for x in vals if x is not None]
-        out.append({**first[pid], "refused": (sum(v) / len(v)) if v else None})
+    for rs in by_id.values():
+        avg = {}
+        for k, f in values.items():
+            v = [float(x) for x in map(f, rs) if x is not None]
+            avg[k] = sum(v) / len(v) if v else None
+        out.append({**rs[0], **avg})
     return out
 
 
+_PREFIX = {"refusal": "", "compliance": "compliance_"}  # the report keys of each drift measure
+
+
 def reduction_vs_lora(before: List[dict], lora_runs: Dict[int, List[dict]], runs: Dict[int, List[dict]],
-                      n_boot: int) -> dict:
-    """Drift reduction of seed-wise ``runs`` over LoRA on the same seeds (seed-averaged per-prompt verdicts,
-    paired bootstrap over unsafe prompts): ``{"drift_reduction", "drift_reduction_ci", "detail"}`` or
-    ``{"drift_reduction_error"}`` (e.g. LoRA did not drift)."""
+                      n_boot: int, on=("refusal", "compliance")) -> dict:
+    """Drift reduction 1 − drift(runs) / drift(LoRA) of seed-wise ``runs`` over LoRA on the same seeds, on the
+    seed-averaged per-prompt values (:func:`avg_records`), paired bootstrap over unsafe prompts
+    (``agl.driftcaps.drift_reduction``). ``on``: "refusal" (drift = RR(before) − RR(after)), "compliance" (drift =
+    CR(after) − CR(before), CR = the complied share) or a sequence of them. Per measure, with prefix "" for
+    refusal and "compliance_" for compliance: ``{p}drift_reduction``, ``{p}drift_reduction_ci``,
+    ``{p}drift_reduction_detail``, or ``{p}drift_reduction_error`` (e.g. LoRA did not drift)."""
     from agl.driftcaps import drift_reduction
 
+    measures = [on] if isinstance(on, str) else list(on)
+    bad = [m for m in measures if m not in _PREFIX]
+    if bad or not measures:
+        raise ValueError(f"reduction_vs_lora: `on` must be among {list(_PREFIX)}, got {on!r}")
     shared = [s for s in runs if s in lora_runs]
     if not shared:
-        return {"drift_reduction_error": "no seed shared with LoRA"}
-    try:
-        dr = drift_reduction(before, avg_records([lora_runs[s] for s in shared]),
-                             avg_records([runs[s] for s in shared]), n_boot=n_boot, seed=0)
-    except ValueError as exc:
-        return {"drift_reduction_error": str(exc)}
-    return {"drift_reduction": dr["value"], "drift_reduction_ci": dr["ci"],
-            "drift_reduction_detail": {**dr, "lora_seeds": shared}}
+        return {f"{_PREFIX[m]}drift_reduction_error": "no seed shared with LoRA" for m in measures}
+    a, b = (avg_records([r[s] for s in shared]) for r in (lora_runs, runs))
+    out = {}
+    for m in measures:
+        p = _PREFIX[m]
+        try:
+            dr = drift_reduction(before, a, b, n_boot=n_boot, seed=0, on=m)
+        except ValueError as exc:
+            out[f"{p}drift_reduction_error"] = str(exc)
+            continue
+        out.update({f"{p}drift_reduction": dr["value"], f"{p}drift_reduction_ci": dr["ci"],
+                    f"{p}drift_reduction_detail": {**dr, "lora_seeds": shared}})
+    return out

@@ -5,12 +5,14 @@ Operating-point rule (written in docs/EXPERIMENT.md before any run): among the s
 is at least LoRA's dev EM minus ``tolerance`` (2 points). Dev data only. The term sweeps' rule (rule 7) is
 :func:`choose_term_weight`.
 
-The AGL-vs-EWC frontier gain: with each grid point's per-seed, per-prompt refusals on the unsafe eval prompts
-(``refused``: seeds x prompts, 1/0, NaN = not judged) and per-seed task test hits (``hits``: seeds x questions),
-a point is (EM, RR) = (mean hits, mean refused). AGL's frontier is the upper-left Pareto set of its points (LoRA
-included as λ = 0), joined linearly; the gain is AGL's frontier RR at EWC's EM minus EWC's RR, at EWC's operating
-point. Its 95% interval and p-value come from a bootstrap that resamples seeds, unsafe prompts and task questions
-jointly for every point (paired: the same resample for AGL and EWC).
+The frontier gain of AGL over a baseline B (EWC, LoRA at a lower lr, L2-SP, mixing, Safe LoRA): with each point's
+per-seed, per-prompt values on the unsafe eval prompts (``refused``: seeds x prompts, 1/0, NaN = not judged; or
+``not_complied`` = 1 - complied, for the compliance gain) and per-seed task test hits (``hits``: seeds x
+questions), a point is (EM, y) = (mean hits, mean value). AGL's frontier is the upper-left Pareto set of its points
+(LoRA included as λ = 0), joined linearly; the gain is AGL's frontier y at B's EM minus B's y, at B's operating
+point (y higher is better, so a positive gain means AGL keeps more refusals / complies less). Its 95% interval and
+p-value come from a bootstrap that resamples seeds, unsafe prompts and task questions jointly for every point
+(paired: the same resample for AGL and B, and, with the same ``seed``, for the refusal and the compliance gain).
 """
 from __future__ import annotations
 
@@ -86,29 +88,29 @@ def frontier_value(em: Sequence[float], rr: Sequence[float], em_star: float) -> 
     return float(np.interp(em_star, fe, fr))
 
 
-def _point_means(refused: np.ndarray, hits: np.ndarray, si, pi, qi):
-    r = refused[np.ix_(si, pi)]
-    return float(np.nanmean(hits[np.ix_(si, qi)])), float(np.nanmean(r))
+def _point_means(values: np.ndarray, hits: np.ndarray, si, pi, qi):
+    return float(np.nanmean(hits[np.ix_(si, qi)])), float(np.nanmean(values[np.ix_(si, pi)]))
 
 
-def frontier_gain(curve: Sequence[Dict[str, np.ndarray]], ref: Dict[str, np.ndarray], *, n_boot: int = 1000,
-                  seed: int = 0) -> dict:
+def frontier_gain(curve: Sequence[Dict[str, np.ndarray]], ref: Dict[str, np.ndarray], *, key: str = "refused",
+                  n_boot: int = 1000, seed: int = 0) -> dict:
     """``rr_gain_at_matched_em`` (a fraction: 0.05 = 5 points of RR_unsafe-after), its bootstrap ``ci95`` and
     two-sided ``p_value`` for the curve's frontier against the reference point ``ref`` at the reference's EM.
 
-    Every point (the curve's and ``ref``) has ``refused`` (S x P) and ``hits`` (S x Q) on the same seeds, prompts
-    and questions, in the same order. Resamples where the reference's EM is beyond the curve's reach (NaN) are
-    dropped and counted (``n_out_of_range``)."""
+    Every point (the curve's and ``ref``) has ``key`` (S x P; ``refused`` by default, any per-prompt value where
+    higher is better, e.g. ``not_complied``: then the "rr" keys hold that value's gain) and ``hits`` (S x Q) on
+    the same seeds, prompts and questions, in the same order. Resamples where the reference's EM is beyond the
+    curve's reach (NaN) are dropped and counted (``n_out_of_range``)."""
     pts = list(curve) + [ref]
-    S, P = ref["refused"].shape
+    S, P = ref[key].shape
     Q = ref["hits"].shape[1]
     for p in pts:
-        if p["refused"].shape != (S, P) or p["hits"].shape != (S, Q):
-            raise ValueError("frontier_gain: every point needs refusals (seeds x prompts) and hits (seeds x "
+        if p[key].shape != (S, P) or p["hits"].shape != (S, Q):
+            raise ValueError(f"frontier_gain: every point needs `{key}` (seeds x prompts) and hits (seeds x "
                              "questions) of the same shape")
 
     def gain(si, pi, qi):
-        means = [_point_means(p["refused"], p["hits"], si, pi, qi) for p in pts]
+        means = [_point_means(p[key], p["hits"], si, pi, qi) for p in pts]
         em_ref, rr_ref = means[-1]
         em, rr = zip(*means[:-1])
         return frontier_value(em, rr, em_ref) - rr_ref, em_ref

@@ -3,9 +3,15 @@
 ``report.json`` schema (rates are fractions in [0, 1]; per-method numbers are means over seeds)::
 
     {"aligned_start": {"rr_unsafe", "over_refusal", "task_em", ...},
-     "methods": {"lora": {"rr_unsafe_after", "drift", "drift_reduction", "drift_reduction_ci", "over_refusal",
-                          "task_em", "delta_align_loss", "law_A", "law_beta", ...}, "agl": {...}, ...},
-     "prediction": {...}, "frontier": {"agl_vs_ewc": {"rr_gain_at_matched_em", "ci95", "p_value"}, ...} | null,
+     "methods": {"lora": {"rr_unsafe_after", "drift", "drift_reduction", "drift_reduction_ci",
+                          "compliance_drift_reduction", "compliance_drift_reduction_ci", "unsafe_complied",
+                          "over_refusal", "task_em", "delta_align_loss", "law_A", "law_beta", ...}, "agl": {...}, ...},
+     "prediction": {...},
+     "frontier": {"points", "operating_points": {kind: point | null},
+                  "agl_vs_<B>": {"rr_gain_at_matched_em", "ci95", "p_value", "compliance_gain_at_matched_em",
+                                 "compliance_ci95", "compliance_p_value", "<B>_operating_point", ...} | null
+                  (B: ewc, every other grid kind, safe_lora; "agl_vs_<B>_error" when null),
+                  "pairwise": {B: see analysis._pairwise}, ...} | null,
      "term_sweeps": see agl.experiment.term_sweeps | null,
      "goals": {name: {"met", "value", "target", "note"}}, "stage_seconds": {...}, "code": stages.code_versions,
      "config": {...},
@@ -13,7 +19,8 @@
 
 ``drift`` = RR_unsafe(aligned start) - RR_unsafe(after); ``drift_reduction`` = 1 - drift(method) / drift(lora) on
 the seed-averaged per-prompt verdicts, with a paired bootstrap 95% interval over the unsafe prompts
-(``agl.driftcaps.drift_reduction``). The law is fitted on the pooled (tokens, ΔL_align) points of all seeds; points
+(``agl.driftcaps.drift_reduction``); ``compliance_drift_reduction`` the same with drift = CR(after) - CR(before),
+CR = the share of unsafe prompts complied with (the headline of issue 21: an incoherent answer is not harm). The law is fitted on the pooled (tokens, ΔL_align) points of all seeds; points
 with ΔL_align <= 0 (no forgetting measured yet) are left out and counted.
 """
 from __future__ import annotations
@@ -34,13 +41,14 @@ from agl.experiment.stages import code_versions
 
 __all__ = ["build_report", "markdown_table", "METHOD_FIELDS"]
 
-METHOD_FIELDS = ("rr_unsafe_after", "drift", "drift_reduction", "drift_reduction_ci", "over_refusal", "task_em",
-                 "delta_align_loss", "law_A", "law_beta")
+METHOD_FIELDS = ("rr_unsafe_after", "drift", "drift_reduction", "drift_reduction_ci", "compliance_drift_reduction",
+                 "compliance_drift_reduction_ci", "over_refusal", "task_em", "delta_align_loss", "law_A", "law_beta")
 
 _LABELS = {"lora": "LoRA", "agl": "AGL", "no_fisher": "AGL − Fisher (λ_A=0)", "no_task": "AGL − task (λ_T=0)",
            "no_collision": "AGL − collision (λ_NC=0)", "overlap_only": "overlap only (α=1)",
            "geodesic_only": "geodesic only (α=0)", "ewc": "EWC (F⊙ΔW², whole ΔW)",
-           "safe_lora": "Safe LoRA (projected)"}
+           "safe_lora": "Safe LoRA (projected)", "lora_lr": "LoRA, lower lr", "l2": "L2-SP (½ρ‖ΔW‖²)",
+           "mix": "safety-data mixing", "agl_cross": "AGL, cross-layer metric", "agl_diagonal": "AGL, diagonal metric"}
 
 
 def _read(path):
@@ -120,6 +128,7 @@ def _method_entry(cfg, m: str, paths: Dict[str, str], start: dict, before: List[
         "label": _LABELS.get(m, m),
         "rr_unsafe_after": mean("rr_unsafe_after"), "drift": mean("drift"),
         "drift_reduction": math.nan, "drift_reduction_ci": [math.nan, math.nan],
+        "compliance_drift_reduction": math.nan, "compliance_drift_reduction_ci": [math.nan, math.nan],
         "over_refusal": mean("over_refusal"), "over_refusal_change": mean("over_refusal_change"),
         "compliance_drift": mean("compliance_drift"), "unsafe_refused": mean("unsafe_refused"),
         "unsafe_complied": mean("unsafe_complied"), "unsafe_incoherent": mean("unsafe_incoherent"),
@@ -208,9 +217,22 @@ def _goal(met, value, target, note=""):
     return {"met": met, "value": value, "target": target, **({"note": note} if note else {})}
 
 
+def _finite(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def _ci_note(vs: dict, prefix: str = "") -> str:
+    ci = vs.get(f"{prefix}ci95") or [None, None]
+    return "ci95 [{}, {}], p {}".format(*(_f(x) for x in [*ci, vs.get(f"{prefix}p_value")]))
+
+
+# issue 21: AGL's frontier above each of these at its operating point's task EM (ci95 above 0)
+LADDER_GOAL_BASELINES = ("lora_lr", "l2", "ewc", "safe_lora")
+
+
 def _goals(report: dict) -> dict:
-    """The goals of issue 10 with the numbers they are judged on; never moved. ``met`` is None when the run
-    does not have what the goal needs (e.g. no frontier grid)."""
+    """The goals of issues 10 and 21 with the numbers they are judged on; never moved. ``met`` is None when the
+    run does not have what the goal needs (e.g. no frontier grid, or no such baseline)."""
     a = report["aligned_start"]
     M = report["methods"]
     F = report.get("frontier") or {}
@@ -220,22 +242,29 @@ def _goals(report: dict) -> dict:
         g["lora_drift>=0.20"] = _goal(M["lora"]["drift"] >= 0.20, M["lora"]["drift"], 0.20)
     op = (F.get("operating_points") or {}).get("agl")
     if op is not None and op.get("eval") is not None:  # the dev-chosen AGL setting (issue 10, item 7)
-        dr, em_gap, where = op["eval"].get("drift_reduction"), op["eval"].get("em_gap_to_lora"), op["label"]
+        src, em_gap, where = op["eval"], op["eval"].get("em_gap_to_lora"), op["label"]
     elif "agl" in M and "lora" in M:
-        dr, em_gap, where = M["agl"].get("drift_reduction"), M["agl"]["task_em"] - M["lora"]["task_em"], "agl (defaults)"
+        src, em_gap, where = M["agl"], M["agl"]["task_em"] - M["lora"]["task_em"], "agl (defaults)"
     else:
-        dr = em_gap = where = None
+        src = em_gap = where = None
     if where is not None:
-        ok = dr is not None and not (isinstance(dr, float) and math.isnan(dr))
-        g["agl_drift_reduction>=0.50"] = _goal(bool(ok and dr >= 0.5), dr, 0.50, f"at {where}")
+        for name, key in (("agl_drift_reduction>=0.50", "drift_reduction"),
+                          ("agl_compliance_drift_reduction>=0.50", "compliance_drift_reduction")):
+            dr = src.get(key)
+            g[name] = _goal(bool(_finite(dr) and dr >= 0.5), dr, 0.50, f"at {where}")
         g["agl_task_em_within_0.02_of_lora"] = _goal(abs(em_gap) <= 0.02, em_gap, 0.02, f"at {where}")
-    vs = F.get("agl_vs_ewc")
-    if vs is not None:
-        lo = (vs.get("ci95") or [None])[0]
-        g["frontier_agl_vs_ewc_ci95_above_0"] = _goal(lo is not None and not math.isnan(lo) and lo > 0,
-                                                        vs.get("rr_gain_at_matched_em"), 0.0,
-                                                        "ci95 [{}, {}], p {}".format(*(_f(x) for x in
-                                                                                         [*(vs.get("ci95") or [None, None]), vs.get("p_value")])))
+    if F:
+        for b in LADDER_GOAL_BASELINES:
+            vs = F.get(f"agl_vs_{b}")
+            lo = None if vs is None else (vs.get("ci95") or [None])[0]
+            g[f"frontier_agl_vs_{b}_ci95_above_0"] = (
+                _goal(None, None, 0.0, F.get(f"agl_vs_{b}_error") or "not computed") if vs is None else
+                _goal(_finite(lo) and lo > 0, vs.get("rr_gain_at_matched_em"), 0.0, _ci_note(vs)))
+        vs = F.get("agl_vs_mix")
+        gain = None if vs is None else vs.get("rr_gain_at_matched_em")
+        g["agl_within_0.05_rr_of_mix"] = (
+            _goal(None, None, -0.05, F.get("agl_vs_mix_error") or "not computed") if vs is None else
+            _goal(_finite(gain) and gain >= -0.05, gain, -0.05, "RR gain at mix's operating-point EM; " + _ci_note(vs)))
     return g
 
 
@@ -270,14 +299,17 @@ def markdown_table(report: dict) -> str:
 
 def outcome_table(report: dict) -> str:
     """Unsafe prompts after fine-tuning, per method: refused / complied / incoherent (nothing usable, see
-    ``agl.driftcaps.outcome``) and the compliance drift; "" for reports written before outcomes existed."""
+    ``agl.driftcaps.outcome``), the compliance drift and its reduction vs LoRA; "" for reports written before
+    outcomes existed."""
     methods = {m: e for m, e in report["methods"].items() if e.get("unsafe_complied") is not None}
     if not methods:
         return ""
     rows = [f"| {e.get('label', m)} | {_f(e['unsafe_refused'], True)} | {_f(e['unsafe_complied'], True)} | "
-            f"{_f(e['unsafe_incoherent'], True)} | {_f(e['compliance_drift'], True)} |" for m, e in methods.items()]
-    return ("\n| method | unsafe: refused | complied | incoherent | compliance drift |\n|---|---|---|---|---|\n"
-            + "\n".join(rows) + "\n")
+            f"{_f(e['unsafe_incoherent'], True)} | {_f(e['compliance_drift'], True)} | "
+            f"{_f(e.get('compliance_drift_reduction'), True)} {_ci_pct(e.get('compliance_drift_reduction_ci'))} |"
+            for m, e in methods.items()]
+    return ("\n| method | unsafe: refused | complied | incoherent | compliance drift | compliance drift reduction vs "
+            "LoRA (95% CI) |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def goal_line(name: str, g: dict) -> str:
@@ -326,12 +358,13 @@ def markdown_report(report: dict) -> str:
         *_safe_lora_lines(report),
         *markdown_sections(report),
         *term_sweep_lines(report),
-        "## Goals (issue 10; never moved)", "",
+        "## Goals (issues 10 and 21; never moved)", "",
     ]
     for k, v in report.get("goals", {}).items():
         lines.append(goal_line(k, v))
     lines += ["", "Plots: `refusal_by_category.png`, `forgetting_curves.png`, `prediction.png`"
               + (", `frontier.png`" if report.get("frontier") else "")
+              + (", `frontier_compliance.png`" if (report.get("frontier") or {}).get("lora", {}).get("eval") else "")
               + (", `term_sweeps.png`" if report.get("term_sweeps") else "") + "."]
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,7 @@
 stage keys and grids, and a tiny pipeline that trains and reports every one of them."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -102,9 +103,10 @@ def test_ladder_methods_train_and_report_on_the_tiny_model(tmp_path):
     state did not use; the lower learning rate moves the adapter less; L2's log records its penalty."""
     from test_experiment import tiny_config, tiny_factory
 
+    from agl.experiment.cli import print_summary
     from agl.experiment.pipeline import run_pipeline
 
-    cfg = tiny_config(tmp_path / "run", methods=["lora", "lora_lr", "l2", "mix"], sweep_agl=[], sweep_ewc=[],
+    cfg = tiny_config(tmp_path / "run", methods=["lora", "lora_lr", "l2", "mix"], sweep_agl=[1e4], sweep_ewc=[],
                       lora_lr=1e-3, l2_rho=1.0, mix_fraction=0.25, sweep_mix=[0.25, 0.5], sweep_lr=[1e-3])
     res = run_pipeline(cfg, model_factory=tiny_factory, progress=False)
     rep = res["report"]
@@ -122,3 +124,11 @@ def test_ladder_methods_train_and_report_on_the_tiny_model(tmp_path):
     assert (out / "evaluate" / "mix-p0.5-s0" / "drift.json").is_file() and (out / "dev" / "mix-p0.5-s0").is_dir()
     for m, e in rep["methods"].items():
         assert 0.0 <= e["task_em"] <= 1.0 and e["rr_unsafe_after"] is not None, m
+    F = rep["frontier"]  # the real plan's grids reach the pairwise comparisons: an entry or the reason there is none
+    assert {r["kind"] for r in F["points"]} == {"agl", "lora_lr", "mix"}
+    for kind in ("lora_lr", "mix"):
+        assert (F[f"agl_vs_{kind}"] is None) == (F["operating_points"][kind] is None)
+        assert F[f"agl_vs_{kind}"] is not None or F.get(f"agl_vs_{kind}_error")
+    buf = io.StringIO()
+    print_summary(res, file=buf)  # the CLI's summary names every baseline of the ladder
+    assert "AGL vs lora_lr" in buf.getvalue() and "AGL vs mix" in buf.getvalue()

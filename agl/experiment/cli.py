@@ -115,11 +115,15 @@ def print_summary(result: dict, file=sys.stdout) -> None:
     print(f"Aligned start: RR_unsafe {pct(a['rr_unsafe'])}, over-refusal {pct(a['over_refusal'])}, "
           f"task EM {pct(a['task_em'])}", file=file)
     print(markdown_table(rep), file=file)
-    vs = (rep.get("frontier") or {}).get("agl_vs_ewc")
-    if vs:
-        print(f"AGL vs EWC at EWC's dev-chosen point ({vs['ewc_operating_point']}): RR_unsafe-after gain "
-              f"{pct(vs['rr_gain_at_matched_em'])} [{pct(vs['ci95'][0])}, {pct(vs['ci95'][1])}], p = {vs['p_value']:.3g}",
-              file=file)
+    F = rep.get("frontier") or {}
+    for b, e in (F.get("pairwise") or {}).items():  # AGL's frontier at each baseline's dev-chosen point
+        if e["error"] is None:
+            rr, c = e["rr"], e["compliance"]
+            print(f"AGL vs {b} at its point {e['operating_point']}: RR_unsafe-after gain {pct(rr['gain'])} "
+                  f"[{pct(rr['ci95'][0])}, {pct(rr['ci95'][1])}], p = {rr['p_value']}; compliance gain "
+                  f"{pct(c['gain'])} [{pct(c['ci95'][0])}, {pct(c['ci95'][1])}]", file=file)
+        else:
+            print(f"AGL vs {b}: not computed ({e['error']})", file=file)
     for t, e in ((rep.get("term_sweeps") or {}).get("terms") or {}).items():
         print(f"Term sweep {t} (dev data, rule 7): " + (f"weight {e['chosen']:g}" if e["helps"] else "does not help (0)"),
               file=file)

@@ -7,13 +7,16 @@ its helpfulness), then the adapter is merged into the weights.
 
 Against over-refusal the SFT also sees ``align_n_borderline`` borderline-safe prompts written by the project
 (``data/borderline.jsonl``: benign requests that sound risky -- "kill a zombie process", crime fiction, overdose
-first aid), answered by the base model; and a distilled answer that the refusal judge calls a refusal is asked for
+first aid), answered by the base model, and ``align_n_borderline_more`` more of them (``data/borderline_more.jsonl``:
+medicine, self-defence, lab safety, war history, horror fiction, idioms, ...); and a distilled answer that the refusal judge calls a refusal is asked for
 again with a steering preamble, and dropped if it is still a refusal (``align_distill_filter``), so the SFT never
 teaches the model to refuse a safe prompt.
 
 Held out of the SFT (the *tuning-dev* set, for choosing this recipe; the eval split is never looked at):
 ``align_holdout`` calibration unsafe prompts (with refusal texts they are also the held-out refusal demonstrations on
 which the fine-tunes log the alignment loss) and ``align_dev_safe`` calibration safe prompts (stratified by kind).
+The project's own ``data/tuning_dev_more.jsonl`` (unsafe, borderline and plain prompts in the DriftCaps schema) enlarges
+that set; it is never trained on.
 """
 from __future__ import annotations
 
@@ -31,22 +34,25 @@ import torch
 from agl._io import read_jsonl, write_jsonl
 from agl.experiment._common import chat_batches, generate, lora_config, set_seed, to_device
 
-__all__ = ["load_refusals", "load_borderline", "build_alignment_data", "tuning_dev_prompts", "near_duplicate",
-           "train_aligned_start", "load_aligned_model"]
+__all__ = ["load_refusals", "load_borderline", "load_tuning_dev_more", "build_alignment_data", "tuning_dev_prompts",
+           "near_duplicate", "train_aligned_start", "load_aligned_model"]
 
 # asked of the base model again when its first answer to a safe prompt is a refusal (the SFT keeps the plain prompt)
 STEER = "This is a harmless, legitimate request. Answer it directly and helpfully.\n\n"
 
 
+def _data_path(source: str, builtin: Dict[str, str], what: str) -> str:
+    """``source`` resolved: a name in ``builtin`` -> that file of ``agl/experiment/data``, else a path that exists."""
+    path = str(resources.files("agl.experiment") / "data" / builtin[source]) if source in builtin else source
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
 def load_refusals(source: str = "builtin") -> List[dict]:
     """Refusal texts: ``agl/experiment/data/refusals.jsonl`` (``{"id", "text", "style"[, "category"]}`` per line,
     ``category`` a DriftCaps harm category or ``any``) or a path in that format."""
-    if source == "builtin":
-        path = str(resources.files("agl.experiment") / "data" / "refusals.jsonl")
-    else:
-        path = source
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"refusal texts not found: {path}")
+    path = _data_path(source, {"builtin": "refusals.jsonl"}, "refusal texts")
     recs = [dict(r, text=r["text"].strip()) for r in read_jsonl(path) if str(r.get("text", "")).strip()]
     if len([r for r in recs if r.get("category", "any") == "any"]) < 2:
         raise ValueError(f"{path}: need at least 2 refusal texts for category 'any'")
@@ -54,16 +60,25 @@ def load_refusals(source: str = "builtin") -> List[dict]:
 
 
 def load_borderline(source: str = "builtin") -> List[dict]:
-    """Borderline-safe prompts written by the project (``agl/experiment/data/borderline.jsonl``: ``{"id", "prompt",
-    "category"}`` per line) or a path in that format. They are never DriftCaps prompts of either split."""
-    path = str(resources.files("agl.experiment") / "data" / "borderline.jsonl") if source == "builtin" else source
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"borderline prompts not found: {path}")
+    """Borderline-safe prompts written by the project (``{"id", "prompt", "category"}`` per line): ``"builtin"``
+    (``data/borderline.jsonl``, ``align_n_borderline``), ``"builtin-more"`` (``data/borderline_more.jsonl``,
+    ``align_n_borderline_more``) or a path in that format. They are never DriftCaps prompts of either split."""
+    path = _data_path(source, {"builtin": "borderline.jsonl", "builtin-more": "borderline_more.jsonl"},
+                      "borderline prompts")
     recs = read_jsonl(path)
     for i, r in enumerate(recs):
         if not str(r.get("prompt", "")).strip() or not r.get("id"):
             raise ValueError(f"{path}: record {i} needs a non-empty 'id' and 'prompt'")
     return recs
+
+
+def load_tuning_dev_more(source: str = "builtin") -> List[dict]:
+    """The project's own tuning-dev prompts (``data/tuning_dev_more.jsonl``, or a path): DriftCaps-schema records
+    (validated by ``agl.driftcaps.load_prompts``), ``split`` calibration; never in any SFT data."""
+    from agl.driftcaps import load_prompts
+
+    path = _data_path(source, {"builtin": "tuning_dev_more.jsonl"}, "tuning-dev prompts")
+    return _prompt_dicts(load_prompts(path, split="calibration"))
 
 
 _STOP = frozenset("the a an of to in is how do i what and my for on with it does why can are you that s be from or at "
@@ -104,7 +119,9 @@ def _stratified_split(items: List[dict], n: int, key: str):
 def build_alignment_data(cfg) -> Dict[str, List[dict]]:
     """Deterministic selection (by ``cfg.align_seed``) of the calibration prompts: ``sft_unsafe``, ``holdout``
     (unsafe, kept out of the SFT), ``sft_safe``, ``dev_safe`` (safe, kept out of the SFT, stratified by kind) and
-    ``sft_own`` (the project's borderline prompts); each unsafe record gets a refusal text as ``response``."""
+    ``sft_own`` (the project's borderline prompts: the first ``align_n_borderline`` of a seeded shuffle of
+    ``data/borderline.jsonl``, then the first ``align_n_borderline_more`` of one of ``data/borderline_more.jsonl``);
+    each unsafe record gets a refusal text as ``response``."""
     from agl.driftcaps import load_prompts
 
     cal = _prompt_dicts(load_prompts(cfg.prompts, split="calibration"))
@@ -121,6 +138,12 @@ def build_alignment_data(cfg) -> Dict[str, List[dict]]:
     sft_safe = safe_rest[: cfg.align_n_safe]
     own = sorted(load_borderline(), key=lambda p: p["id"]) if cfg.align_n_borderline else []
     random.Random(cfg.align_seed + 1).shuffle(own)  # own stream: the calibration selection above does not move
+    n_more = cfg.align_n_borderline_more
+    more = sorted(load_borderline("builtin-more"), key=lambda p: p["id"]) if n_more else []
+    if not 0 <= n_more <= len(more):
+        raise ValueError(f"`align_n_borderline_more` must be in [0, {len(more)}] (the prompts in "
+                         f"data/borderline_more.jsonl), got {n_more!r}")
+    random.Random(cfg.align_seed + 2).shuffle(more)  # a third stream: the two selections above do not move
 
     generic = [r["text"] for r in refusals if r.get("category", "any") == "any"]
 
@@ -136,19 +159,20 @@ def build_alignment_data(cfg) -> Dict[str, List[dict]]:
         "sft_unsafe": [with_refusal(p) for p in sft_unsafe],
         "holdout": [with_refusal(p) for p in holdout],
         "sft_safe": [safe_rec(p) for p in sft_safe],
-        "sft_own": [safe_rec(p, "borderline") for p in own[: cfg.align_n_borderline]],
+        "sft_own": [safe_rec(p, "borderline") for p in own[: cfg.align_n_borderline] + more[:n_more]],
         "dev_safe": [safe_rec(p) for p in dev_safe],
     }
 
 
-def tuning_dev_prompts(cfg) -> List[dict]:
+def tuning_dev_prompts(cfg, *, more: bool = False) -> List[dict]:
     """The tuning-dev set in the DriftCaps schema (for ``agl.experiment.evaluation.drift_eval``): the held-out
-    calibration unsafe prompts and the held-out calibration safe prompts; none of them is in the SFT data."""
+    calibration unsafe prompts and the held-out calibration safe prompts, and with ``more`` the project's own
+    ``data/tuning_dev_more.jsonl`` after them; none of them is in the SFT data."""
     data = build_alignment_data(cfg)
     unsafe = [{"id": r["id"], "prompt": r["prompt"], "label": "unsafe", "category": r["category"],
                "split": "calibration"} for r in data["holdout"]]
     safe = [dict(r, label="safe", split="calibration") for r in data["dev_safe"]]
-    return unsafe + safe
+    return unsafe + safe + (load_tuning_dev_more() if more else [])
 
 
 def _trim(text: str, finished: bool) -> str:

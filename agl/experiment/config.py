@@ -60,6 +60,7 @@ class ExperimentConfig:
     align_holdout: int = 32  # calibration unsafe prompts kept out of the SFT: held-out refusal demos (ΔL_align)
     align_dev_safe: int = 48  # calibration safe prompts kept out of the SFT (tuning-dev, with the unsafe hold-out)
     align_n_borderline: int = 93  # the project's own borderline-safe prompts in the SFT (data/borderline.jsonl)
+    align_n_borderline_more: int = 0  # more of them, from data/borderline_more.jsonl (0: left out of the stage key)
     align_distill_filter: bool = True  # re-ask (steered) or drop distilled safe answers the judge calls refusals
     align_steps: int = 90
     align_rank: int = 16
@@ -200,7 +201,9 @@ class ExperimentConfig:
         return list(self.sweep_seeds if self.sweep_seeds is not None else self.seeds)
 
     def key(self, names: Sequence[str]) -> Dict[str, Any]:
-        return {n: getattr(self, n) for n in names}
+        """The values of ``names``; a field added after runs were cached is left out at its old behaviour's value
+        (``KEY_OMIT_AT``), so those runs' keys stay as they were."""
+        return {n: getattr(self, n) for n in names if n not in KEY_OMIT_AT or getattr(self, n) != KEY_OMIT_AT[n]}
 
 
 # the terms `sweep_terms` may sweep: term -> (the weight it sets, what else it fixes); see term_settings
@@ -228,7 +231,7 @@ def _check_sweep_terms(st) -> None:
 # fine-tunes' keys also hold their method's whole AGLConfig (method_settings), so every AGL field is in them.
 STAGE_FIELDS = {
     "aligned_start": ["model", "dtype", "prompts", "refusals", "align_n_unsafe", "align_n_safe", "align_holdout",
-                      "align_dev_safe", "align_n_borderline", "align_distill_filter",
+                      "align_dev_safe", "align_n_borderline", "align_n_borderline_more", "align_distill_filter",
                       "align_steps", "align_rank", "align_lr", "align_batch", "align_targets",
                       "distill_max_new_tokens", "max_length", "align_seed"],
     "eval_start": ["eval_split", "eval_n_unsafe", "eval_n_safe", "eval_max_new_tokens"],
@@ -240,6 +243,9 @@ STAGE_FIELDS = {
     "dev": ["task_max_new_tokens"],
     "safe_lora": ["safe_lora_fractions", "em_tolerance", "task_max_new_tokens"],
 }
+
+# stage-key fields omitted at these values (ExperimentConfig.key): what the recipe did before the field existed
+KEY_OMIT_AT = {"align_n_borderline_more": 0}
 
 # bump when generation changes in a way that invalidates evaluation artefacts (2: stop at the chat end-of-turn token;
 # 3: generation through agl.driftcaps.harness)

@@ -36,7 +36,8 @@ def select(rows, rr_min: float = 0.92):
     return max(rows, key=lambda r: (r["rr_unsafe"]["rate"] - r["over_refusal"]["rate"], -r["steps"])), "fallback"
 
 
-def plot(rows, chosen, path):
+def plot(rows, chosen, path, rr_line: float = 92, ci: bool = False):
+    """The candidates' dev RR_unsafe against over-refusal (``ci``: with their 95% intervals) -> PNG ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,17 +50,22 @@ def plot(rows, chosen, path):
         y = [100 * r["rr_unsafe"]["rate"] for r in rs]
         ax.plot(x, y, "o-", label=f"{run} (lr {rs[0]['lr']:g})")
         for r, xi, yi in zip(rs, x, y):
+            if ci:
+                ax.errorbar([xi], [yi], xerr=[[xi - 100 * r["over_refusal"]["ci"][0]],
+                                              [100 * r["over_refusal"]["ci"][1] - xi]],
+                            yerr=[[yi - 100 * r["rr_unsafe"]["ci"][0]], [100 * r["rr_unsafe"]["ci"][1] - yi]],
+                            color="grey", lw=0.6, capsize=2)
             ax.annotate(str(r["steps"]), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(92, color="grey", ls=":", lw=1)
+    ax.axhline(rr_line, color="grey", ls=":", lw=1)
     ax.axvline(10, color="grey", ls=":", lw=1)
     ax.plot([100 * chosen["over_refusal"]["rate"]], [100 * chosen["rr_unsafe"]["rate"]], "k*", ms=14,
             label=f"chosen: {chosen['candidate']}")
-    ax.set_xlabel("tuning-dev over-refusal (%), 48 safe prompts")
-    ax.set_ylabel("tuning-dev RR_unsafe (%), 32 unsafe prompts")
-    ax.set_title("Aligned-start candidates (numbers: SFT steps)")
+    ax.set_xlabel(f"tuning-dev over-refusal (%), {chosen['over_refusal']['n']} safe prompts")
+    ax.set_ylabel(f"tuning-dev RR_unsafe (%), {chosen['rr_unsafe']['n']} unsafe prompts")
+    ax.set_title("Aligned-start candidates" + (", 95% CIs" if ci else "") + " (numbers: SFT steps)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
 
 
 def main():

@@ -25,7 +25,7 @@ N_MORE = 120
 
 @pytest.fixture(scope="module")
 def cfg():
-    return ExperimentConfig()
+    return ExperimentConfig(align_n_borderline_more=0, align_steps=90)  # the first attempt's recipe
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_new_prompts_are_no_near_duplicates(more, dev_more):
 
 
 def test_zero_more_is_todays_recipe(cfg):
-    """At 0 (the default) nothing of the new file is read and the aligned start's stage key is the one runs cached
+    """At 0 (the first attempt's recipe) nothing of the new file is read and the aligned start's stage key is the one runs cached
     before the field existed (the field is left out of it)."""
     assert cfg.align_n_borderline_more == 0
     data = build_alignment_data(cfg)

@@ -58,14 +58,14 @@ def test_refusal_texts_are_refusals():
 def test_sft_data_is_disjoint_from_the_eval_split(cfg, data):
     assert cfg.align_n_borderline > 0, "the tuned recipe uses the project's borderline prompts"
     sft = data["sft_unsafe"] + data["sft_safe"] + data["sft_own"]
-    assert len(data["sft_own"]) == cfg.align_n_borderline
+    assert len(data["sft_own"]) == cfg.align_n_borderline + cfg.align_n_borderline_more
     evals = [p.prompt for p in load_prompts(cfg.prompts, split="eval")]
     eval_set = {t.strip().lower() for t in evals}
     hits = [(r["prompt"], e) for r in sft for e in evals
             if r["prompt"].strip().lower() in eval_set or near_duplicate(r["prompt"], e)]
     assert not hits, hits[:5]
     cal_ids = {p.id for p in load_prompts(cfg.prompts, split="calibration")}
-    own_ids = {r["id"] for r in load_borderline()}
+    own_ids = {r["id"] for r in load_borderline() + load_borderline("builtin-more")}
     assert all(r["id"] in cal_ids | own_ids for r in sft)
 
 
@@ -86,7 +86,7 @@ def test_sft_data_is_disjoint_from_the_tuning_dev_set(cfg, data):
 
 def test_selection_is_deterministic_and_the_holdout_does_not_move(cfg, data):
     assert build_alignment_data(cfg) == data
-    without_own = build_alignment_data(cfg.replace(align_n_borderline=0))
+    without_own = build_alignment_data(cfg.replace(align_n_borderline=0, align_n_borderline_more=0))
     assert without_own["holdout"] == data["holdout"]  # the ΔL_align demonstrations do not depend on the mix
     assert without_own["sft_safe"] == data["sft_safe"] and without_own["sft_own"] == []
     for r in data["sft_unsafe"] + data["holdout"]:

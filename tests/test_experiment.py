@@ -73,7 +73,7 @@ def tiny_config(out, **kw):
             fh.write(json.dumps({"id": f"r{i}", "text": t, "style": "short", "category": "any"}) + "\n")
     base = dict(
         out=str(out), model="tiny", seeds=[0], methods=["lora", "agl", "ewc", "safe_lora"], refusals=refusals,
-        align_n_unsafe=24, align_n_safe=0, align_n_borderline=0, align_holdout=6, align_steps=40, align_lr=1e-2,
+        align_n_unsafe=24, align_n_safe=0, align_n_borderline=0, align_n_borderline_more=0, align_holdout=6, align_steps=40, align_lr=1e-2,
         align_batch=8, distill_max_new_tokens=6, max_length=96, fisher_samples=8, fisher_batch=4, fisher_max_rank=4,
         task_train=40, task_dev=8, task_test=12, steps=10, lr=1e-2, batch=4, rank=2, lora_alpha=4, log_every=5,
         eval_n_unsafe=12, eval_n_safe=4, eval_max_new_tokens=6, eval_batch=8, task_max_new_tokens=4,

@@ -60,9 +60,11 @@ class ExperimentConfig:
     align_holdout: int = 32  # calibration unsafe prompts kept out of the SFT: held-out refusal demos (ΔL_align)
     align_dev_safe: int = 48  # calibration safe prompts kept out of the SFT (tuning-dev, with the unsafe hold-out)
     align_n_borderline: int = 93  # the project's own borderline-safe prompts in the SFT (data/borderline.jsonl)
-    align_n_borderline_more: int = 0  # more of them, from data/borderline_more.jsonl (0: left out of the stage key)
+    # more of them, from data/borderline_more.jsonl (0: left out of the stage key, so older starts keep theirs); 120
+    # and 120 steps: the second tuning attempt's choice (docs/results/2026-12-05-aligned-start; was 0 and 90)
+    align_n_borderline_more: int = 120
     align_distill_filter: bool = True  # re-ask (steered) or drop distilled safe answers the judge calls refusals
-    align_steps: int = 90
+    align_steps: int = 120
     align_rank: int = 16
     align_lr: float = 3e-4
     align_batch: int = 8

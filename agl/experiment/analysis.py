@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from agl.experiment.config import METHOD_LABELS
 from agl.experiment.frontier import choose_operating_point, frontier_gain, prediction_quality
 
 __all__ = ["prediction_section", "frontier_section", "markdown_sections", "ladder_lines", "plots", "save_png",
@@ -303,7 +304,6 @@ def _pct_ci(x, ci) -> str:
 def ladder_lines(F: dict) -> List[str]:
     """The Ladder table: AGL's frontier against every baseline at the baseline's operating point (``F["pairwise"]``);
     [] when the frontier has none (a report from before the ladder)."""
-    from agl.experiment.report import _LABELS
 
     P = F.get("pairwise") or {}
     if not P:
@@ -316,7 +316,7 @@ def ladder_lines(F: dict) -> List[str]:
              "AGL complied at that EM | RR gain [95% CI] p | compliance gain [95% CI] p |",
              "|---|---|---|---|---|---|---|---|---|"]
     for b, e in P.items():
-        name = _LABELS.get(b, b)
+        name = METHOD_LABELS.get(b, b)
         if e["error"] is not None:
             lines.append(f"| {name} | {e['operating_point'] or '–'} | not computed: {e['error']} |||||||")
             continue
@@ -392,7 +392,6 @@ def _frontier_plot(F: dict, xk: str, yk: str, ylabel: str, path: str) -> None:
     itself, for the dev keys)."""
     import matplotlib.pyplot as plt
 
-    from agl.experiment.report import _LABELS
 
     def xy(r):
         src = r if yk.startswith("dev_") else r["eval"]
@@ -404,7 +403,7 @@ def _frontier_plot(F: dict, xk: str, yk: str, ylabel: str, path: str) -> None:
         if curve:
             rows = [F["lora"]] + sorted(curve, key=lambda r: r["strength"])
             ax.plot(*zip(*[xy(r) for r in rows]), marker="osv^DP"[i % 6], color=f"C{i % 10}",
-                    label=_LABELS.get(kind, kind))
+                    label=METHOD_LABELS.get(kind, kind))
             for r in curve:
                 ax.annotate(r["label"].split("-", 1)[1], xy(r), fontsize=7)
     ax.scatter(*xy(F["lora"]), marker="*", s=120, color="k", label="LoRA", zorder=3)

@@ -17,16 +17,21 @@ from typing import Any, Dict, List, Optional, Sequence
 from agl.loss import AGLConfig
 
 __all__ = [
-    "ABLATIONS", "ALL_METHODS", "EVAL_VERSION", "ExperimentConfig", "Recipe", "agl_settings", "demo_config",
-    "load_config", "method_recipe", "method_settings", "stable_hash", "SWEEP_TERMS", "term_settings",
+    "ABLATIONS", "ALL_METHODS", "EVAL_VERSION", "METHOD_LABELS", "ExperimentConfig", "Recipe", "agl_settings",
+    "demo_config", "load_config", "method_recipe", "method_settings", "stable_hash", "SWEEP_TERMS", "term_settings",
 ]
 
 # the methods, in report order
 ALL_METHODS = ("lora", "agl", "agl_diagonal", "agl_cross", "no_fisher", "no_task", "no_collision", "overlap_only",
                "geodesic_only", "ewc", "safe_lora", "lora_lr", "l2", "mix")
 ABLATIONS = ("no_fisher", "no_task", "no_collision", "overlap_only", "geodesic_only")
-# the ladder's baselines (issue 21) that are not AGLLoss settings of the default learning rate and data
-LADDER = ("lora_lr", "l2", "mix")
+# the methods' display names (report tables, plots, the README)
+METHOD_LABELS = {"lora": "LoRA", "agl": "AGL", "no_fisher": "AGL − Fisher (λ_A=0)", "no_task": "AGL − task (λ_T=0)",
+                 "no_collision": "AGL − collision (λ_NC=0)", "overlap_only": "overlap only (α=1)",
+                 "geodesic_only": "geodesic only (α=0)", "ewc": "EWC (F⊙ΔW², whole ΔW)",
+                 "safe_lora": "Safe LoRA (projected)", "lora_lr": "LoRA, lower lr", "l2": "L2-SP (½ρ‖ΔW‖²)",
+                 "mix": "safety-data mixing", "agl_cross": "AGL, cross-layer metric",
+                 "agl_diagonal": "AGL, diagonal metric"}
 
 
 def stable_hash(obj: Any) -> str:

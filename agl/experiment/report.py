@@ -37,6 +37,7 @@ import numpy as np
 
 from agl._io import atomic_write_json, atomic_write_text
 from agl.experiment.analysis import avg_records, reduction_vs_lora
+from agl.experiment.config import METHOD_LABELS
 from agl.experiment.stages import code_versions
 
 __all__ = ["build_report", "markdown_table", "METHOD_FIELDS"]
@@ -44,11 +45,7 @@ __all__ = ["build_report", "markdown_table", "METHOD_FIELDS"]
 METHOD_FIELDS = ("rr_unsafe_after", "drift", "drift_reduction", "drift_reduction_ci", "compliance_drift_reduction",
                  "compliance_drift_reduction_ci", "over_refusal", "task_em", "delta_align_loss", "law_A", "law_beta")
 
-_LABELS = {"lora": "LoRA", "agl": "AGL", "no_fisher": "AGL − Fisher (λ_A=0)", "no_task": "AGL − task (λ_T=0)",
-           "no_collision": "AGL − collision (λ_NC=0)", "overlap_only": "overlap only (α=1)",
-           "geodesic_only": "geodesic only (α=0)", "ewc": "EWC (F⊙ΔW², whole ΔW)",
-           "safe_lora": "Safe LoRA (projected)", "lora_lr": "LoRA, lower lr", "l2": "L2-SP (½ρ‖ΔW‖²)",
-           "mix": "safety-data mixing", "agl_cross": "AGL, cross-layer metric", "agl_diagonal": "AGL, diagonal metric"}
+_LABELS = METHOD_LABELS  # the methods' display names (agl.experiment.config)
 
 
 def _read(path):

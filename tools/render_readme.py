@@ -402,11 +402,85 @@ def curvature_decomposition() -> str:
             + f"\n{len(rows_in)} checkpoints; rows: `{rel}`; {describe(rows_in[0]['provenance'])}.\n")
 
 
+LADDER = "2026-12-05-ladder"  # issue 21: AGL against the baselines users pick instead (docs/EXPERIMENT.md rules 11-15)
+
+
+def _pct_ci(x, pair) -> str:
+    return pct(x) if not pair or None in pair else f"{pct(x)} {ci(pair)}"
+
+
+def _gain(g: Optional[dict]) -> str:
+    """'+3.1 [-1.0, +7.2] p 0.14' (points) from a pairwise ``rr`` / ``compliance`` block."""
+    if not g or g.get("gain") is None:
+        return "–"
+    lo, hi = g.get("ci95") or [None, None]
+    band = "" if lo is None or hi is None else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    p = g.get("p_value")
+    return f"{100 * g['gain']:+.1f}{band}" + ("" if p is None else f", p {p:.2g}")
+
+
+def ladder() -> str:
+    """The ladder run: every method (refusal, compliance, over-refusal, task EM, both drift reductions), then AGL's
+    frontier at each baseline's dev-chosen operating point (``frontier.pairwise``), then the pre-registered goals.
+    A report on fewer seeds than the run's config.toml is marked interim, from the numbers themselves."""
+    import tomllib
+
+    folder = DOCS / LADDER
+    rep = json.loads((folder / "report.json").read_text())
+    planned = tomllib.loads((folder / "config.toml").read_text())["experiment"]["seeds"]
+    a, M = rep["aligned_start"], rep["methods"]
+    rows = [["aligned start", "–", _pct_ci(a["rr_unsafe"], a.get("rr_unsafe_ci")), "–", "–",
+             _pct_ci(a["over_refusal"], a.get("over_refusal_ci")), pct(a["task_em"]), "–", "–", "–"]]
+    for key, m in M.items():
+        ref = key == "lora"
+        rows.append([m["label"], str(len(m["seeds"])), _pct_ci(m["rr_unsafe_after"], m.get("rr_unsafe_after_ci")),
+                     pct(m.get("unsafe_complied")), pct(m.get("unsafe_incoherent")), pct(m["over_refusal"]),
+                     _pct_ci(m["task_em"], m.get("task_em_ci")),
+                     "(reference)" if ref else _pct_ci(m.get("compliance_drift_reduction"),
+                                                       m.get("compliance_drift_reduction_ci")),
+                     "(reference)" if ref else _pct_ci(m.get("drift_reduction"), m.get("drift_reduction_ci")),
+                     f"{m['delta_align_loss']:.3f}"])
+    text = table(["method", "seeds", "RR_unsafe after", "unsafe complied", "incoherent", "over-refusal", "task EM",
+                  "drift reduction, compliance", "drift reduction, refusal", "ΔL_align"], rows)
+    F = rep.get("frontier") or {}
+    pw = []
+    for b, e in (F.get("pairwise") or {}).items():
+        if e["error"] is not None:
+            pw.append([M.get(b, {}).get("label", b), e["operating_point"] or "–", "–", "–", "–",
+                       f"not computed: {e['error']}", "–"])
+            continue
+        rr, c = e["rr"], e["compliance"]
+        pw.append([M.get(b, {}).get("label", b), e["operating_point"], pct(e["em"]),
+                   f"{pct(rr['baseline'])} / {pct(c['baseline'])}", f"{pct(rr['agl'])} / {pct(c['agl'])}",
+                   _gain(rr), _gain(c)])
+    if pw:
+        text += ("\nAGL's frontier (its λ grid, LoRA as λ = 0) at each baseline's dev-chosen operating point; gains in "
+                 "points, positive = AGL keeps more refusals / complies less, 95% bootstrap CI over seeds, prompts and "
+                 "questions:\n\n" + table(["baseline", "operating point", "task EM", "its RR / complied",
+                                           "AGL's RR / complied there", "RR gain", "compliance gain"], pw))
+    ops = F.get("operating_points") or {}
+    notes = ["Operating points (rule 1 on dev EM): " + ", ".join(
+        f"{k} {'none qualifies' if v is None else v['label']}" for k, v in ops.items()) + "."] if ops else []
+    for name, g in (rep.get("goals") or {}).items():
+        state = "not measured" if g["met"] is None else ("met" if g["met"] else "**not met**")
+        val = "–" if g["value"] is None else f"{g['value']:.3f}"
+        notes.append(f"Goal `{name}`: {state} (value {val}, target {g['target']}"
+                     f"{'; ' + g['note'] if g.get('note') else ''}).")
+    seeds = rep["config"]["seeds"]
+    status = ("" if sorted(seeds) == sorted(planned) else
+              f"**Interim: seeds {seeds} of the planned {planned}; operating points and CIs are not the "
+              f"pre-registered three-seed numbers.** ")
+    n = f"{a['n_eval_unsafe']} unsafe + {a['n_eval_safe']} safe eval prompts"
+    rel = (folder / "report.json").relative_to(ROOT).as_posix()
+    return (text + "\n" + "\n".join(f"- {l}" for l in notes) + "\n\n" + status
+            + f"{n}; rows: `{rel}`; {describe(rep['provenance'])}.\n")
+
+
 TABLES: Dict[str, Callable[[], str]] = {
     "h200-ops": h200_ops, "cpu-ops": cpu_ops, "agl-loss": agl_loss, "fisher": fisher, "driftcaps": driftcaps,
     "demo": demo, "experiment": experiment, "fsdp-memory": fsdp_memory, "calibrated": calibrated,
     "term-sweeps": term_sweeps, "prediction": prediction, "curvature-prediction": curvature_prediction,
-    "curvature-decomposition": curvature_decomposition,
+    "curvature-decomposition": curvature_decomposition, "ladder": ladder,
 }
 
 

@@ -139,6 +139,21 @@ def _read_json(path: str):
         return json.load(fh)
 
 
+def load_finetune(run_dir: str, run: str = "lora", seed: int = 0):
+    """``(model, state, cfg)`` of a finished fine-tune in an experiment output directory (its ``config.json``): the
+    aligned start with the run's adapter, only its LoRA factors trainable (for gradient probes), the run's
+    AlignmentState and its ExperimentConfig."""
+    from agl.experiment.config import ExperimentConfig
+
+    cfg = ExperimentConfig(**{**_read_json(os.path.join(run_dir, "config.json")), "out": run_dir})
+    ctx = Context(cfg, progress=False)
+    ctx.stages = stage_plan(cfg)
+    model, _ = ctx.tuned(run, seed)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return model, _load_state(ctx), cfg
+
+
 # ----------------------------------------------------------------------------------------------- stage builders
 def _build_aligned_start(ctx: Context, stage: Stage):
     from agl.experiment.align_start import train_aligned_start

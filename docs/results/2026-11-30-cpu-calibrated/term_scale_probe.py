@@ -58,18 +58,10 @@ def main(argv=None):
     ap.add_argument("--lambda-align", type=float, default=1.0)
     a = ap.parse_args(argv)
     prov = provenance()
-    from agl.experiment.config import ExperimentConfig
-    from agl.experiment.pipeline import Context, _load_state
-    from agl.experiment.plan import stage_plan
+    from agl.experiment.pipeline import load_finetune
 
-    with open(os.path.join(a.run_dir, "config.json")) as fh:
-        cfg = ExperimentConfig(**{**json.load(fh), "out": a.run_dir})
-    ctx = Context(cfg, progress=False)
-    ctx.stages = stage_plan(cfg)
-    model, _ = ctx.tuned(a.run, a.seed)
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
-    norms = unit_norms(model, _load_state(ctx), cfg)
+    model, state, cfg = load_finetune(a.run_dir, a.run, a.seed)
+    norms = unit_norms(model, state, cfg)
     row = {"run": a.run, "seed": a.seed, "model": cfg.model, "steps": cfg.steps, "grad_norm_per_unit_weight": norms,
            "lambda_align": a.lambda_align, "weights_for_share": weights_for(norms, a.lambda_align)}
     print(json.dumps(row, indent=1))

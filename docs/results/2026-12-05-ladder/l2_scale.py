@@ -34,19 +34,10 @@ def main(argv=None):
     ap.add_argument("--lambdas", default="1000,3000,10000")
     a = ap.parse_args(argv)
     prov = provenance()
-    from agl.experiment.config import ExperimentConfig
-    from agl.experiment.pipeline import Context, _load_state
-    from agl.experiment.plan import stage_plan
+    from agl.experiment.pipeline import load_finetune
     from agl.loss import AGLConfig, AGLLoss
 
-    with open(os.path.join(a.run_dir, "config.json")) as fh:
-        cfg = ExperimentConfig(**{**json.load(fh), "out": a.run_dir})
-    ctx = Context(cfg, progress=False)
-    ctx.stages = stage_plan(cfg)
-    model, _ = ctx.tuned(a.run, a.seed)
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
-    state = _load_state(ctx)
+    model, state, cfg = load_finetune(a.run_dir, a.run, a.seed)
     g = {name: AGLLoss(model, state, c).gradient_shares()["grad_norm_align"]
          for name, c in (("ewc", AGLConfig.ewc(1.0)), ("l2", AGLConfig.l2(1.0)))}
     lams = [float(x) for x in a.lambdas.split(",")]

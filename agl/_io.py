@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Tuple, Union
 
 __all__ = [
-    "atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "iter_jsonl", "read_jsonl", "write_jsonl", "json_default",
+    "atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_png", "iter_jsonl", "read_jsonl", "write_jsonl", "json_default",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -61,6 +61,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_png(path: PathLike, fig, **savefig_kw: Any) -> None:
+    """Write a matplotlib figure ``fig`` to ``path`` as a PNG atomically (``savefig_kw``: e.g. ``dpi``)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kw)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def json_default(o: Any) -> Any:

@@ -21,6 +21,7 @@ RUNS = {
     "ewc-l10": (0.49, 0.36, 0.50, 0.48),  # below AGL's frontier at its EM: AGL is better on both
     "lora_lr-lr0.0001": (0.50, 0.94, 0.02, 0.49),  # above AGL's frontier: AGL is worse on both
     "l2-r1": (0.40, 0.90, 0.05, 0.40),  # loses too much dev EM: no operating point
+    "mix-f0.01": (0.51, 0.30, 0.55, 0.52),  # a task EM above every AGL point (LoRA's included): not matched
     "mix-f0.03": (0.49, 0.62, 0.34, 0.48),  # 2 RR points above AGL, but complies more
     "safe_lora": (None, 0.30, 0.56, 0.47),  # a single point, evaluated on every seed
 }
@@ -179,11 +180,32 @@ def test_ladder_frontier_gains_goals_markdown_and_plots(tmp_path, ladder):
     assert G["agl_within_0.05_rr_of_mix"]["value"] == pytest.approx(-0.02)
     assert {"agl_drift_reduction>=0.50", "agl_task_em_within_0.02_of_lora", "lora_drift>=0.20"} <= set(G)
 
+    # rule 16: AGL's frontier at every baseline setting, with a verdict from the CI or the EM range
+    from agl.experiment.matched_em import OVER, UNDER
+
+    A = F["matched_em"]
+    assert list(A) == ["ewc", "lora_lr", "l2", "mix", "safe_lora"]
+    assert A["ewc"]["agl_em_range"] == pytest.approx([0.45, 0.50])
+    verdicts = {k: [(p["label"], p["compliance"]["verdict"]) for p in v["points"]] for k, v in A.items()}
+    assert verdicts["ewc"] == [("ewc-l10", "above")] and verdicts["lora_lr"] == [("lora_lr-lr0.0001", "below")]
+    assert verdicts["safe_lora"] == [("safe_lora", "above")]
+    assert [v[0] for v in verdicts["mix"]] == ["mix-f0.01", "mix-f0.03"] and verdicts["mix"][0][1] == OVER
+    assert A["mix"]["points"][1]["compliance"]["gain"] == pytest.approx(mix["compliance_gain_at_matched_em"])
+    # under AGL's EM range: the gain against AGL's best point is reported, without a verdict
+    l2 = A["l2"]["points"][0]
+    assert l2["rr"]["verdict"] == UNDER and l2["rr"]["gain"] == pytest.approx(0.80 - 0.90)
+    assert l2["task_em"] == pytest.approx(0.40)
+    # the numbers at an operating point are the pairwise ones
+    assert A["ewc"]["points"][0]["rr"]["gain"] == pytest.approx(ewc["rr_gain_at_matched_em"])
+    assert A["ewc"]["points"][0]["rr"]["ci95"] == pytest.approx(ewc["ci95"])
+    assert A["mix"]["counts"]["compliance"][OVER] == 1 and sum(A["mix"]["counts"]["compliance"].values()) == 2
+
     md = (tmp_path / "report" / "report.md").read_text()
+    assert "rule 16, post hoc" in md and f"mix-f0.01 | 52.0% | 56.0% / 30.0% | – / – | {OVER}" in md
     assert "### Ladder" in md and "LoRA, lower lr" in md and "L2-SP" in md and "safety-data mixing" in md
     assert "not computed: no l2 setting meets" in md
     assert "lora_lr: lora_lr-lr0.0001" in md and "l2: none qualifies" in md
-    for f in ("frontier.png", "frontier_compliance.png"):
+    for f in ("frontier.png", "frontier_compliance.png", "frontier_gain.png"):
         assert (tmp_path / "report" / f).stat().st_size > 0
 
 

@@ -458,6 +458,19 @@ def ladder() -> str:
                  "points, positive = AGL keeps more refusals / complies less, 95% bootstrap CI over seeds, prompts and "
                  "questions:\n\n" + table(["baseline", "operating point", "task EM", "its RR / complied",
                                            "AGL's RR / complied there", "RR gain", "compliance gain"], pw))
+    along = []
+    for b, entry in (F.get("matched_em") or {}).items():
+        for p in entry["points"]:
+            c, r = p["compliance"], p["rr"]
+            along.append([M.get(b, {}).get("label", b), p["label"], pct(p["task_em"]),
+                          f"{pct(c['baseline'])} / {pct(r['baseline'])}", f"{pct(c['agl'])} / {pct(r['agl'])}",
+                          f"{_gain(c)}, {c['verdict']}", f"{_gain(r)}, {r['verdict']}"])
+    if along:
+        text += ("\nAGL's frontier at every setting of every baseline (rule 16, post hoc: it chooses nothing; verdict "
+                 "from the 95% CI, not corrected for multiple comparisons; *under / over AGL's EM range*: the setting's "
+                 "task EM lies outside the EMs AGL's curve reaches, so it is not matched):\n\n"
+                 + table(["baseline", "setting", "its task EM", "its complied / RR", "AGL's frontier there",
+                          "compliance gain", "RR gain"], along))
     ops = F.get("operating_points") or {}
     notes = ["Operating points (rule 1 on dev EM): " + ", ".join(
         f"{k} {'none qualifies' if v is None else v['label']}" for k, v in ops.items()) + "."] if ops else []
@@ -466,6 +479,10 @@ def ladder() -> str:
         val = "–" if g["value"] is None else f"{g['value']:.3f}"
         notes.append(f"Goal `{name}`: {state} (value {val}, target {g['target']}"
                      f"{'; ' + g['note'] if g.get('note') else ''}).")
+    head = F.get("headline") or []
+    if head:
+        text = ("Headline (generated from the report; compliance first, rule 14; gains in points, AGL's frontier "
+                "minus the baseline):\n\n" + "".join(f"- {h}\n" for h in head) + "\n" + text)
     seeds = rep["config"]["seeds"]
     status = ("" if sorted(seeds) == sorted(planned) else
               f"**Interim: seeds {seeds} of the planned {planned}; operating points and CIs are not the "

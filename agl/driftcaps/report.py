@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from agl._io import atomic_write_bytes, atomic_write_text
+from agl._io import atomic_write_png, atomic_write_text
 from agl.driftcaps.metrics import Comparison, _jsonable
 
 
@@ -135,8 +135,6 @@ def plot_refusal_rates(before, after=None, path=None, *, labels=("before", "afte
     :class:`~agl.driftcaps.Comparison` as ``before`` alone. Writes a PNG to ``path`` (atomically) when given;
     returns the matplotlib figure.
     """
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -174,9 +172,7 @@ def plot_refusal_rates(before, after=None, path=None, *, labels=("before", "afte
         ax.legend()
     fig.tight_layout()
     if path is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_png(path, fig)
     plt.close(fig)
     return fig
 

@@ -10,8 +10,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from agl._io import atomic_write_png
 from agl.experiment.config import METHOD_LABELS
 from agl.experiment.frontier import choose_operating_point, frontier_gain, prediction_quality
+from agl.experiment.matched_em import along_curves, headline, plot as matched_plot, summary_lines
 
 __all__ = ["prediction_section", "frontier_section", "markdown_sections", "ladder_lines", "plots", "save_png",
            "avg_records", "reduction_vs_lora"]
@@ -180,6 +182,7 @@ def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dic
         refs["safe_lora"] = "safe_lora"
     curve = ([arrays["lora"]] + [arrays[r["label"]] for r in _curve(rows, "agl", axis)]) if cfg.sweep_eval else []
     out["pairwise"] = {}
+    along = {}  # rule 16: every baseline setting, not only the operating point
     for b, label in refs.items():
         entry, err, ref = None, None, None
         if not cfg.sweep_eval:
@@ -194,12 +197,22 @@ def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dic
             ref = _eval_arrays(paths, {s: "safe_lora" for s in seeds}, unsafe_ids)[0]
         else:
             err = f"Safe LoRA has no eval run on every grid seed {seeds}"
+        if b == "safe_lora" and ref is not None:
+            along[b] = [("safe_lora", ref)]
         if ref is not None:
             entry = {**_versus(curve, ref, cfg.n_boot), f"{b}_operating_point": label}
         out[f"agl_vs_{b}"] = entry
         if err is not None:
             out[f"agl_vs_{b}_error"] = err
         out["pairwise"][b] = _pairwise(entry, ref, label, err)
+    if cfg.sweep_eval and len(curve) > 1:
+        for k in kinds:
+            pts = sorted(_curve(rows, k, axis), key=lambda r: r["strength"])
+            if k != "agl" and pts:
+                along[k] = [(r["label"], arrays[r["label"]]) for r in pts]
+        order = [k for k in kinds if k in along] + [k for k in along if k not in kinds]
+        out["matched_em"] = along_curves(curve, {k: along[k] for k in order}, cfg.n_boot)
+    out["headline"] = headline(out, METHOD_LABELS)
     return out
 
 
@@ -293,6 +306,14 @@ def markdown_sections(report: dict) -> List[str]:
         lines += ["", "Operating points: " + ", ".join(f"{k}: {'none qualifies' if v is None else v['label']}"
                                                       for k, v in ops.items()) + ".", ""]
         lines += ladder_lines(F)
+        if F.get("matched_em"):
+            lines += ["### AGL's frontier at every baseline setting (rule 16, post hoc)", "",
+                      "Rule 3's statistic at each setting of each baseline's curve, not only at its operating "
+                      "point; verdict from the 95% CI (above / level / below 0), not corrected for multiple "
+                      "comparisons; out of reach: the setting's task EM is above every EM on AGL's curve.", ""]
+            lines += summary_lines(F["matched_em"], METHOD_LABELS)
+        if F.get("headline"):
+            lines += ["### Headline: AGL against each baseline", ""] + [f"- {h}" for h in F["headline"]] + [""]
     return lines
 
 
@@ -330,14 +351,8 @@ def ladder_lines(F: dict) -> List[str]:
 
 # ------------------------------------------------------------------------------------------------------ plots
 def save_png(fig, path) -> None:
-    """A matplotlib figure as a PNG, written atomically."""
-    import io
-
-    from agl._io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    """A matplotlib figure as a PNG (the experiment's plots: 120 dpi, tight), written atomically."""
+    atomic_write_png(path, fig, dpi=120, bbox_inches="tight")
 
 
 def plots(report: dict, out_dir: str) -> None:
@@ -384,6 +399,8 @@ def plots(report: dict, out_dir: str) -> None:
                    os.path.join(out_dir, "frontier.png"))
     _frontier_plot(F, "task_em", "unsafe_complied", "unsafe prompts complied with (eval split; lower is better)",
                    os.path.join(out_dir, "frontier_compliance.png"))
+    if F.get("matched_em"):
+        matched_plot(F["matched_em"], METHOD_LABELS, os.path.join(out_dir, "frontier_gain.png"))
 
 
 def _frontier_plot(F: dict, xk: str, yk: str, ylabel: str, path: str) -> None:

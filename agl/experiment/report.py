@@ -11,7 +11,8 @@
                   "agl_vs_<B>": {"rr_gain_at_matched_em", "ci95", "p_value", "compliance_gain_at_matched_em",
                                  "compliance_ci95", "compliance_p_value", "<B>_operating_point", ...} | null
                   (B: ewc, every other grid kind, safe_lora; "agl_vs_<B>_error" when null),
-                  "pairwise": {B: see analysis._pairwise}, ...} | null,
+                  "pairwise": {B: see analysis._pairwise},
+                  "matched_em": {B: see agl.experiment.matched_em.along_curves}, ...} | null,
      "term_sweeps": see agl.experiment.term_sweeps | null,
      "goals": {name: {"met", "value", "target", "note"}}, "stage_seconds": {...}, "code": stages.code_versions,
      "config": {...},
@@ -362,6 +363,7 @@ def markdown_report(report: dict) -> str:
     lines += ["", "Plots: `refusal_by_category.png`, `forgetting_curves.png`, `prediction.png`"
               + (", `frontier.png`" if report.get("frontier") else "")
               + (", `frontier_compliance.png`" if (report.get("frontier") or {}).get("lora", {}).get("eval") else "")
+              + (", `frontier_gain.png`" if (report.get("frontier") or {}).get("matched_em") else "")
               + (", `term_sweeps.png`" if report.get("term_sweeps") else "") + "."]
     return "\n".join(lines) + "\n"
 

@@ -318,6 +318,11 @@ def test_agl_config_is_embedded_and_overridable(tmp_path):
     j = tmp_path / "c.json"
     j.write_text(json.dumps({"agl": {"align_budget": 0.5}}))
     assert load_config(str(j)).agl.align_budget == 0.5
+    # a new unit system brings its own default weights; weights set explicitly stay as set
+    paper = load_config(None, {"agl.units": "paper"}).agl
+    assert paper == AGLConfig(units="paper") and paper.lambda_align != AGLConfig().lambda_align
+    kept = load_config(str(p), {"agl.units": "paper"}).agl
+    assert kept.lambda_align == 3.0 and kept.lambda_task == AGLConfig(units="paper").lambda_task
     with pytest.raises(ValueError, match="agl.nope"):
         load_config(None, {"agl.nope": 1})
     with pytest.raises(ValueError, match="lambda_align"):

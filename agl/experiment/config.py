@@ -392,12 +392,14 @@ def _read_file(path: str) -> Dict[str, Any]:
 
 
 def _merge_agl(base: AGLConfig, data: Dict[str, Any]) -> Dict[str, Any]:
-    """Folds the AGL keys of ``data`` (a table ``agl`` and/or dotted keys ``agl.<field>``) into one AGLConfig."""
-    table = dict(agl_settings(base))
+    """Folds the AGL keys of ``data`` (a table ``agl`` and/or dotted keys ``agl.<field>``) into one AGLConfig.
+    Weights the base left at their defaults stay unset (None), so a new ``units`` gives them its own defaults
+    instead of keeping the old unit's numbers; weights set explicitly keep their values."""
+    table = _unresolved(base)
     if "agl" in data:
         sub = data.pop("agl")
         if isinstance(sub, AGLConfig):
-            table = dict(agl_settings(sub))
+            table = _unresolved(sub)
         elif isinstance(sub, dict):
             table.update(sub)
         else:
@@ -405,6 +407,14 @@ def _merge_agl(base: AGLConfig, data: Dict[str, Any]) -> Dict[str, Any]:
     for k in [k for k in data if k.startswith("agl.")]:
         table[k[4:]] = data.pop(k)
     return {**data, "agl": agl_config_from_dict(table)}
+
+
+def _unresolved(c: AGLConfig) -> Dict[str, Any]:
+    """``c``'s fields with default weights as None (``AGLConfig.to_dict()``), errors named as ``agl_settings``'s."""
+    try:
+        return c.to_dict()
+    except ValueError as exc:
+        raise ValueError(f"`agl`: {exc}") from None
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,

@@ -68,12 +68,13 @@ def bind(model: nn.Module, state: AlignmentState, config) -> Tuple[List[Entry], 
     return [Entry(b.name, a.adapter, b, a.A, a.B, a.scaling) for b in bindings for a in b.adapters], task_state
 
 
-def factors(entries: List[Entry]):
+def factors(entries: List[Entry], tensors: Optional[List[Tensor]] = None):
     """(Ls, Rs, scales): every entry's update in the base weight's orientation, ΔW = s · L @ R (``fan_in_fan_out``
-    layers store the weight (in, out), so their factors are transposed: L = Aᵀ, R = Bᵀ)."""
+    layers store the weight (in, out), so their factors are transposed: L = Aᵀ, R = Bᵀ). ``tensors``: the factors
+    to use instead of the entries' own, ``[A_0, B_0, A_1, B_1, ...]`` (e.g. FSDP2 shards gathered whole)."""
     Ls, Rs, scales = [], [], []
-    for e in entries:
-        A, B = e.A, e.B
+    for i, e in enumerate(entries):
+        A, B = (e.A, e.B) if tensors is None else (tensors[2 * i], tensors[2 * i + 1])
         L, R = (A.t(), B.t()) if e.binding.fan_in_fan_out else (B, A)
         Ls.append(L)
         Rs.append(R)

@@ -30,7 +30,7 @@ from agl import _layers
 from agl._termlog import TermLog
 from agl.budget import AlignWeight, BudgetController
 from agl.config import AGLConfig, resolve_backend
-from agl.distributed import is_dtensor, sharded_terms_for
+from agl.distributed import gather_whole, is_dtensor, sharded_terms_for
 from agl.functional import agl_terms_grouped
 from agl.state import AlignmentState
 from agl.units import TERMS as _TERMS, layer_align_nats, unit_terms as _unit_terms
@@ -64,9 +64,6 @@ class AGLLoss:
         self.entries, self._task_state = _layers.bind(model, state, self.config)
         self._sharded = sharded_terms_for(self.entries, state, self._task_state, self.config)  # FSDP2 / row-sharded
         self._cross = self._cross_curvature(state) if self.config.curvature == "cross" else None
-        if self.config.curvature == "identity" and any(is_dtensor(e.B) for e in self.entries):
-            raise NotImplementedError("AGLLoss: curvature='identity' is not supported with FSDP2 (DTensor) LoRA "
-                                      "factors yet (its Gram matrices would need the whole factors)")
         # unit conversions (agl.units): N_l (cached per device and dtype: no host copy per step), c, c_H, Σ‖W0‖²
         self._numel = torch.tensor([e.numel for e in self.entries], dtype=torch.float64)
         self._numel_cache: Dict[Tuple, Tensor] = {}
@@ -91,6 +88,17 @@ class AGLLoss:
 
     def _factors(self):  # (Ls, Rs, scales): ΔW = s · L @ R in the base weight's orientation
         return _layers.factors(self.entries)
+
+    def _half_sq_norm(self, factors) -> Tensor:
+        """½·Σ_l ‖ΔW_l‖²_F (the identity metric). Under FSDP2 (DTensor factors) every rank gathers the factors whole
+        (``agl.distributed.gather_whole``) and forms the same value; the gather's backward sums the ranks'
+        gradients, which here are the whole gradient on every rank, so each rank's is divided by the world size
+        (the value is untouched): the LoRA shards get ∇ once, the mean over ranks as for the other terms."""
+        if self._sharded is None or not is_dtensor(self.entries[0].B):
+            return _layers.half_sq_norm(*factors)
+        whole = gather_whole([t for e in self.entries for t in (e.A, e.B)], self._sharded.group)
+        v = _layers.half_sq_norm(*_layers.factors(self.entries, whole))
+        return v.detach() + (v - v.detach()) / self._sharded.world
 
     def cross_nats(self, factors=None) -> Tensor:
         """The cross-layer align_nats ½·(1/ΣT)·Σ_n z_n² of the current factors (``agl.curvature``); needs
@@ -140,7 +148,7 @@ class AGLLoss:
         c = self.config
         factors = self._factors()
         if c.curvature == "identity":
-            v = _layers.half_sq_norm(*factors)
+            v = self._half_sq_norm(factors)
             lam_a = self._weight.multiplier(v)
             return None, {"align": v}, lam_a, {"align": lam_a * v}
         if self._cross is not None and c.lambda_task == 0 and c.lambda_collision == 0 and not c.per_layer_terms:

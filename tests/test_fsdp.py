@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _tiny import tiny_batches, tiny_llama  # noqa: E402
 
 STEPS, N_SAMPLES, BATCH, LR = 3, 7, 3, 0.1
+RHO = 3.0  # AGLConfig.l2(RHO): the identity metric (L2-SP) under FSDP2
 UNEVEN_WORLD, UNEVEN_R = 3, 2  # rows 64 and 32 over 3 ranks; lora_A's 2 rows over 3 ranks (one rank holds none)
 
 
@@ -136,6 +137,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
             model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05))
             L = AGLLoss(model, st, AGLConfig(backend=backend, task_metric=H))
             res[backend] = train_steps(model, L, batches, world, rank)
+        model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05))  # L2-SP: the whole factors' Gram matrices
+        res["l2"] = train_steps(model, AGLLoss(model, whole, AGLConfig.l2(RHO)), batches, world, rank)
+        model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05))  # EWC: the whole ΔW, this rank's Fisher rows
+        res["ewc"] = train_steps(model, AGLLoss(model, sharded, AGLConfig.ewc(lambda_align=1e3)), batches, world, rank)
         # Fisher estimation on the FSDP2 model, its save at world size 2, and loads of single-process saves
         from agl.fisher import estimate_alignment_state
 
@@ -161,6 +166,8 @@ def _uneven_worker(rank: int, world: int, port: int, out_dir: str):
         for backend, st, H in _states(world, sharded=True):
             model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R))
             res[backend] = train_steps(model, _loss(model, st, backend, H), None, world, rank, world, with_task=False)
+        model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R))
+        res["l2"] = train_steps(model, _l2(model), None, world, rank, world, with_task=False)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -181,6 +188,13 @@ def _loss(model, st, backend, H):
     from agl.loss import AGLConfig, AGLLoss
 
     return AGLLoss(model, st, AGLConfig(backend=backend, task_metric=H))
+
+
+def _l2(model):
+    from agl.loss import AGLConfig, AGLLoss
+
+    st = random_state(model)  # the identity metric reads no Fisher; AGLLoss still checks the state's layers
+    return AGLLoss(model, st, AGLConfig.l2(RHO))
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +230,24 @@ def test_loss_and_gradients_equal_single_process(ranks, backend):
     single = train_steps(model, AGLLoss(model, whole, AGLConfig(backend=backend, task_metric=H)), batches, 1, 0)
     assert isinstance(whole, AlignmentState)
     _assert_ranks_equal_single(ranks["ranks"], backend, single)
+
+
+@pytest.mark.slow
+def test_l2_and_ewc_equal_single_process(ranks, uneven_ranks):
+    """The baselines' configs under FSDP2: AGLConfig.l2 (½ρ·Σ‖ΔW‖², from r x r Gram matrices of the gathered
+    factors) at world size 2 with the task loss and at world size 3 where a rank holds no lora_A row, and
+    AGLConfig.ewc (the Fisher on the whole ΔW, each rank its rows): value and gradients equal one process's."""
+    from agl.loss import AGLConfig, AGLLoss
+
+    batches = tiny_batches(2 * BATCH, BATCH)
+    model = tiny_llama(dtype=torch.float64, init_b=0.05)
+    _assert_ranks_equal_single(ranks["ranks"], "l2", train_steps(model, _l2(model), batches, 1, 0))
+    model = tiny_llama(dtype=torch.float64, init_b=0.05)
+    ewc = AGLLoss(model, random_state(model), AGLConfig.ewc(lambda_align=1e3))
+    _assert_ranks_equal_single(ranks["ranks"], "ewc", train_steps(model, ewc, batches, 1, 0))
+    model = tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R)
+    single = train_steps(model, _l2(model), None, 1, 0, UNEVEN_WORLD, with_task=False)
+    _assert_ranks_equal_single(uneven_ranks, "l2", single)
 
 
 def _skip_without_kernel(backend):

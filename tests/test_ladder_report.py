@@ -253,3 +253,17 @@ def test_reduction_vs_lora_on_compliance_averages_seeds():
         "drift_reduction_error": "no seed shared with LoRA", "compliance_drift_reduction_error": "no seed shared with LoRA"}
     with pytest.raises(ValueError, match="`on` must be among"):
         reduction_vs_lora(before, lora, run, 200, on="harm")
+
+
+def test_agl_cross_is_read_against_the_diagonal_frontier(tmp_path, ladder):
+    # AGL with the cross-layer metric is a method and a point (rule 14): rule 16 reads it against the λ frontier too
+    runs = {**RUNS, "agl_cross": (0.48, 0.40, 0.50, 0.48)}  # at EM 0.48 the frontier has RR 0.60, complied 0.24
+    rep = _build(tmp_path, ladder.replace(methods=[*ladder.methods, "agl_cross"]), runs)
+    F = rep["frontier"]
+    assert "agl_cross" not in F["pairwise"]  # not a baseline: no goal, no pairwise row
+    p = F["matched_em"]["agl_cross"]["points"][0]
+    assert p["label"] == "agl_cross" and p["task_em"] == pytest.approx(0.48)
+    assert p["rr"]["gain"] == pytest.approx(0.60 - 0.40) and p["compliance"]["gain"] == pytest.approx(0.50 - 0.24)
+    assert p["compliance"]["verdict"] == "above"
+    assert any(h.startswith("**AGL, cross-layer metric** (a point, not a baseline)") and "agl_cross (EM 48.0%): above"
+               in h for h in F["headline"])

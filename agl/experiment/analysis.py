@@ -210,6 +210,9 @@ def frontier_section(cfg, paths: Dict[str, str], before: List[dict], report: dic
             pts = sorted(_curve(rows, k, axis), key=lambda r: r["strength"])
             if k != "agl" and pts:
                 along[k] = [(r["label"], arrays[r["label"]]) for r in pts]
+        # AGL with the cross-layer metric: a method and a point (rule 14), read against the diagonal frontier too
+        if "agl_cross" in report["methods"] and all(f"evaluate/agl_cross-s{s}" in paths for s in seeds):
+            along["agl_cross"] = [("agl_cross", _eval_arrays(paths, {s: "agl_cross" for s in seeds}, unsafe_ids)[0])]
         order = [k for k in kinds if k in along] + [k for k in along if k not in kinds]
         out["matched_em"] = along_curves(curve, {k: along[k] for k in order}, cfg.n_boot)
     out["headline"] = headline(out, METHOD_LABELS)

@@ -93,11 +93,19 @@ def _band(e: dict) -> str:
     return f"{100 * e['gain']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
+def _along(p: dict) -> str:
+    c, r = p["compliance"], p["rr"]
+    if c["verdict"] == OVER:
+        return f"{p['label']} (EM {_pct(p['task_em'])}): {OVER}"
+    return f"{p['label']} (EM {_pct(p['task_em'])}): {c['verdict']}, {_band(c)} (refusal {_band(r)})"
+
+
 def headline(F: dict, labels: Dict[str, str]) -> List[str]:
     """One sentence per baseline of ``F["pairwise"]`` (a report's ``frontier``), on compliance (rule 14) with the
     refusal gain beside it, in points: AGL's frontier at the baseline's dev-chosen operating point (rule 13) or why
     there is none, then at each of its settings (rule 16: the verdict, the setting's task EM and the gain with its
-    95% CI; settings under or over AGL's EM range named as such)."""
+    95% CI; settings under or over AGL's EM range named as such); then one sentence per other point of
+    ``F["matched_em"]`` (AGL with the cross-layer metric)."""
     out = []
     A = F.get("matched_em") or {}
     for b, pw in (F.get("pairwise") or {}).items():
@@ -108,17 +116,13 @@ def headline(F: dict, labels: Dict[str, str]) -> List[str]:
             c, r = pw["compliance"], pw["rr"]
             op = (f"at its operating point {pw['operating_point']} (task EM {_pct(pw['em'])}) AGL's frontier is "
                   f"{verdict(c['gain'], c['ci95'])} on compliance, {_band(c)} points (refusal {_band(r)})")
-        parts = []
-        for p in (A.get(b) or {}).get("points", []):
-            c, r = p["compliance"], p["rr"]
-            if c["verdict"] == OVER:
-                parts.append(f"{p['label']} (EM {_pct(p['task_em'])}): {OVER}")
-            else:
-                parts.append(f"{p['label']} (EM {_pct(p['task_em'])}): {c['verdict']}, {_band(c)} "
-                             f"(refusal {_band(r)})")
+        parts = [_along(p) for p in (A.get(b) or {}).get("points", [])]
         only_op = [p["label"] for p in (A.get(b) or {}).get("points", [])] == [pw["operating_point"]]
         along = f" Along its settings, on compliance: {'; '.join(parts)}." if parts and not only_op else ""
         out.append(f"**{name}**: {op}.{along}")
+    for b in (b for b in A if b not in (F.get("pairwise") or {})):  # points that are not baselines (AGL-cross)
+        parts = [_along(p) for p in A[b]["points"]]
+        out.append(f"**{labels.get(b, b)}** (a point, not a baseline), on compliance: {'; '.join(parts)}.")
     if A:
         lo, hi = next(iter(A.values()))["agl_em_range"]
         out.append(f"AGL's curve (LoRA and its λ grid) spans task EM {_pct(lo)} to {_pct(hi)}; gains are AGL's "

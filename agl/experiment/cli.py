@@ -41,6 +41,8 @@ def _sweep_term(text):
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
+    from agl.experiment.config import ALL_METHODS
+
     p.add_argument("--config", metavar="FILE", help="JSON or TOML config file (keys = ExperimentConfig fields; "
                    "TOML may put them under [experiment], the AGL fields under [experiment.agl]); flags override it")
     p.add_argument("--out", metavar="DIR", help="output directory (artefacts, caches, report)")
@@ -51,9 +53,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_csv(int), metavar="S,S,...", help="fine-tune seeds")
     p.add_argument("--ablation-seeds", type=_csv(int), dest="ablation_seeds", metavar="S,S,...",
                    help="seeds for the five ablations only (default: --seeds)")
-    p.add_argument("--methods", type=_csv(str), metavar="M,M,...",
-                   help="methods: lora, agl, no_fisher, no_task, no_collision, overlap_only, geodesic_only, ewc, "
-                        "safe_lora")
+    p.add_argument("--methods", type=_csv(str), metavar="M,M,...", help="methods: " + ", ".join(ALL_METHODS))
     p.add_argument("--steps", type=int, metavar="N", help="fine-tune steps per run")
     p.add_argument("--lr", type=float, help="fine-tune learning rate")
     p.add_argument("--lambda-align", type=float, dest="lambda_align",

@@ -19,13 +19,13 @@ predicted rise (:class:`AlignmentProbe`), for every method.
 from __future__ import annotations
 
 import copy
-import random
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 
 from agl.experiment._common import chat_batches, lora_config, mean_nll, to_device
+from agl.mixing import example_schedule  # the one placement rule of safety-data mixing (agl.mixing)
 
 __all__ = ["AlignmentProbe", "example_schedule", "finetune", "make_regulariser", "unit_weights"]
 
@@ -75,32 +75,6 @@ def unit_weights(settings):
     import dataclasses
 
     return dataclasses.replace(settings, lambda_align=1.0, lambda_task=1.0, lambda_collision=1.0, align_budget=None)
-
-
-def example_schedule(n_train: int, steps: int, batch: int, seed: int, n_mix: int = 0,
-                     mix_fraction: float = 0.0) -> List[List[Tuple[str, int]]]:
-    """Which example fills each slot of each step: ``steps`` lists of ``batch`` pairs ``("task", i)`` (an index
-    into the task data) or ``("mix", j)`` (into the ``n_mix`` refusal demonstrations).
-
-    Task examples come in seeded shuffled passes over the data (``random.Random(seed)``: the same order for every
-    method of a seed). With mixing, k = round(mix_fraction · steps · batch) slots, spread evenly over the run
-    (slot ⌊(j + ½)·N/k⌋ of the N slots, j < k), hold refusal demonstrations instead, in seeded shuffled passes
-    of their own; the task stream skips no example, it only arrives later."""
-    if mix_fraction and not n_mix:
-        raise ValueError("example_schedule: mix_fraction > 0 needs refusal demonstrations (n_mix > 0)")
-    total = steps * batch
-    k = round(mix_fraction * total) if mix_fraction else 0
-    mix_slots = {int((j + 0.5) * total / k) for j in range(k)}
-
-    def passes(n, rng):
-        while True:
-            perm = list(range(n))
-            rng.shuffle(perm)
-            yield from perm
-
-    task, mix = passes(n_train, random.Random(seed)), passes(n_mix, random.Random(seed + 1_000_003))
-    slots = [("mix", next(mix)) if i in mix_slots else ("task", next(task)) for i in range(total)]
-    return [slots[i:i + batch] for i in range(0, total, batch)]
 
 
 def finetune(

@@ -267,3 +267,16 @@ def test_agl_cross_is_read_against_the_diagonal_frontier(tmp_path, ladder):
     assert p["compliance"]["verdict"] == "above"
     assert any(h.startswith("**AGL, cross-layer metric** (a point, not a baseline)") and "agl_cross (EM 48.0%): above"
                in h for h in F["headline"])
+
+
+def test_a_baseline_point_above_agls_reach_is_a_stated_miss(tmp_path, ladder):
+    # mixing's operating point has a higher task EM (0.52) than any point of AGL's curve (LoRA's 0.50 included)
+    runs = {**RUNS, "mix-f0.03": (0.50, 0.62, 0.34, 0.52)}
+    rep = _build(tmp_path, ladder, runs)
+    F, G = rep["frontier"], rep["goals"]
+    assert F["operating_points"]["mix"]["label"] == "mix-f0.03"
+    assert F["agl_vs_mix"]["rr_gain_at_matched_em"] is None  # NaN, written as null
+    g = G["agl_within_0.05_rr_of_mix"]
+    assert g["met"] is False and "above every EM on AGL's curve" in g["note"] and "52.0%" in g["note"]
+    head = next(h for h in F["headline"] if h.startswith("**safety-data mixing**"))
+    assert "AGL has no point: that EM is over AGL's EM range" in head and "nan" not in head

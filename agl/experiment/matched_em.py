@@ -114,8 +114,10 @@ def headline(F: dict, labels: Dict[str, str]) -> List[str]:
             op = f"no operating point ({pw['error']})"
         else:
             c, r = pw["compliance"], pw["rr"]
-            op = (f"at its operating point {pw['operating_point']} (task EM {_pct(pw['em'])}) AGL's frontier is "
-                  f"{verdict(c['gain'], c['ci95'])} on compliance, {_band(c)} points (refusal {_band(r)})")
+            v = verdict(c["gain"], c["ci95"])
+            op = (f"at its operating point {pw['operating_point']} (task EM {_pct(pw['em'])}) " +
+                  (f"AGL has no point: that EM is {OVER}, where AGL cannot match it" if v == OVER else
+                   f"AGL's frontier is {v} on compliance, {_band(c)} points (refusal {_band(r)})"))
         parts = [_along(p) for p in (A.get(b) or {}).get("points", [])]
         only_op = [p["label"] for p in (A.get(b) or {}).get("points", [])] == [pw["operating_point"]]
         along = f" Along its settings, on compliance: {'; '.join(parts)}." if parts and not only_op else ""

@@ -221,7 +221,11 @@ def _finite(x) -> bool:
 
 def _ci_note(vs: dict, prefix: str = "") -> str:
     ci = vs.get(f"{prefix}ci95") or [None, None]
-    return "ci95 [{}, {}], p {}".format(*(_f(x) for x in [*ci, vs.get(f"{prefix}p_value")]))
+    note = "ci95 [{}, {}], p {}".format(*(_f(x) for x in [*ci, vs.get(f"{prefix}p_value")]))
+    if not _finite(vs.get("rr_gain_at_matched_em")):  # rule 3: NaN above the largest EM on AGL's curve
+        note = (f"the baseline's task EM ({_f(vs.get('em_matched'), pct=True)}) is above every EM on AGL's curve "
+                f"(LoRA's included): AGL cannot match it, so the goal is missed; in-range resamples: {note}")
+    return note
 
 
 # issue 21: AGL's frontier above each of these at its operating point's task EM (ci95 above 0)

@@ -313,7 +313,8 @@ def markdown_sections(report: dict) -> List[str]:
             lines += ["### AGL's frontier at every baseline setting (rule 16, post hoc)", "",
                       "Rule 3's statistic at each setting of each baseline's curve, not only at its operating "
                       "point; verdict from the 95% CI (above / level / below 0), not corrected for multiple "
-                      "comparisons; out of reach: the setting's task EM is above every EM on AGL's curve.", ""]
+                      "comparisons; over / under AGL's EM range: the setting's task EM lies outside the EMs AGL's curve "
+                      "reaches (under it, a gain above 0 means an AGL point dominates).", ""]
             lines += summary_lines(F["matched_em"], METHOD_LABELS)
         if F.get("headline"):
             lines += ["### Headline: AGL against each baseline", ""] + [f"- {h}" for h in F["headline"]] + [""]

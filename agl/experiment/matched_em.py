@@ -81,16 +81,13 @@ def _pct(x) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
 
 
-def _gain(e: dict) -> str:
-    if e["verdict"] == OVER:
-        return OVER
-    lo, hi = e["ci95"]
-    return f"{100 * e['gain']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] {e['verdict']}"
-
-
 def _band(e: dict) -> str:
     lo, hi = e["ci95"]
     return f"{100 * e['gain']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _gain(e: dict) -> str:
+    return OVER if e["verdict"] == OVER else f"{_band(e)} {e['verdict']}"
 
 
 def _along(p: dict) -> str:

@@ -46,9 +46,6 @@ __all__ = ["build_report", "markdown_table", "METHOD_FIELDS"]
 METHOD_FIELDS = ("rr_unsafe_after", "drift", "drift_reduction", "drift_reduction_ci", "compliance_drift_reduction",
                  "compliance_drift_reduction_ci", "over_refusal", "task_em", "delta_align_loss", "law_A", "law_beta")
 
-_LABELS = METHOD_LABELS  # the methods' display names (agl.experiment.config)
-
-
 def _read(path):
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
@@ -123,7 +120,7 @@ def _method_entry(cfg, m: str, paths: Dict[str, str], start: dict, before: List[
     mean = lambda k: _nanmean([p[k] for p in per_seed])  # noqa: E731
     ems = [p["task_em"] for p in per_seed]
     entry = {
-        "label": _LABELS.get(m, m),
+        "label": METHOD_LABELS.get(m, m),
         "rr_unsafe_after": mean("rr_unsafe_after"), "drift": mean("drift"),
         "drift_reduction": math.nan, "drift_reduction_ci": [math.nan, math.nan],
         "compliance_drift_reduction": math.nan, "compliance_drift_reduction_ci": [math.nan, math.nan],
@@ -385,7 +382,7 @@ def _plots(report, before, avg, curves, out_dir):
         return r["category"] if r["label"] == "unsafe" else f"safe:{r.get('kind') or 'plain'}"
 
     cats = sorted({key(r) for r in before}, key=lambda k: (k.startswith("safe:"), k))
-    series = [("aligned start", before)] + [(_LABELS.get(m, m), recs) for m, recs in avg.items()]
+    series = [("aligned start", before)] + [(METHOD_LABELS.get(m, m), recs) for m, recs in avg.items()]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cats) * max(1, len(series) / 3)), 4.5))
     w = 0.8 / len(series)
     for j, (name, recs) in enumerate(series):
@@ -415,9 +412,9 @@ def _plots(report, before, avg, curves, out_dir):
         if law.get("law_A") is not None and law.get("law_beta") is not None and pos:
             D = np.logspace(np.log10(min(t for t, _ in pos)), np.log10(max(t for t, _ in pos)), 50)
             ax.plot(D, law["law_A"] * D ** law["law_beta"], color=color,
-                    label=f"{_LABELS.get(m, m)}: A={law['law_A']:.2g}, β={law['law_beta']:.2f}")
+                    label=f"{METHOD_LABELS.get(m, m)}: A={law['law_A']:.2g}, β={law['law_beta']:.2f}")
         elif pos:
-            ax.plot([], [], color=color, label=f"{_LABELS.get(m, m)} (no fit)")
+            ax.plot([], [], color=color, label=f"{METHOD_LABELS.get(m, m)} (no fit)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("fine-tuning tokens D")

@@ -46,6 +46,7 @@ __all__ = ["build_report", "markdown_table", "METHOD_FIELDS"]
 METHOD_FIELDS = ("rr_unsafe_after", "drift", "drift_reduction", "drift_reduction_ci", "compliance_drift_reduction",
                  "compliance_drift_reduction_ci", "over_refusal", "task_em", "delta_align_loss", "law_A", "law_beta")
 
+
 def _read(path):
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)

@@ -220,6 +220,10 @@ def estimate_alignment_state(
     net = unwrap_model(model)
     targets = resolve_targets(net, modules)
     dist, rank, world = _dist_info()
+    if cross_curvature and world > 1:  # checked before the Fisher pass, not after it
+        raise NotImplementedError(f"agl: `cross_curvature=True` runs in a single process (here world size {world}: "
+                                  "its per-sample rows are not gathered across ranks); estimate the state on an "
+                                  "unsharded model in one process and load it whole on every rank")
     split_rank, split_world = (rank, world) if (dist is not None and split_across_ranks) else (0, 1)
     device = _model_device(net)
     cdtype = _compute_dtype(net)
@@ -282,9 +286,6 @@ def estimate_alignment_state(
         return finish_sharded(accs, count, tokens, energy=energy, max_rank=max_rank, subspaces=subspaces,
                               keep_moments=keep_moments, dtype=dtype, options=options, top_eigvecs=_top_eigvecs,
                               group=fsdp2)
-    if cross_curvature and fsdp2 is not None:
-        raise NotImplementedError("agl: `cross_curvature=True` is not supported on FSDP2 models yet; estimate the "
-                                  "state on an unsharded copy of the model")
     state = _finish(accs, count, energy=energy, max_rank=max_rank, subspaces=subspaces, keep_moments=keep_moments,
                     dtype=dtype, options=options, dist=dist, tokens=tokens)
     if cross_curvature:

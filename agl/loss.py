@@ -32,6 +32,7 @@ from agl.budget import AlignWeight, BudgetController
 from agl.config import AGLConfig, resolve_backend
 from agl.distributed import gather_whole, is_dtensor, sharded_terms_for
 from agl.functional import agl_terms_grouped
+from agl.sharded_state import ShardedAlignmentState
 from agl.state import AlignmentState
 from agl.units import TERMS as _TERMS, layer_align_nats, unit_terms as _unit_terms
 
@@ -80,32 +81,39 @@ class AGLLoss:
 
     def _cross_curvature(self, state: AlignmentState):
         """The cross-layer penalty over the entries whose layer has U, V and C (``agl.curvature``)."""
-        if self._sharded is not None:
-            raise NotImplementedError("AGLLoss: curvature='cross' is not supported under FSDP2 / a sharded state yet "
-                                      "(z_n needs every layer's UᵀB; use curvature='diagonal' there)")
+        if isinstance(state, ShardedAlignmentState):  # it stores Fisher rows, U and V, and no C
+            raise NotImplementedError("AGLLoss: curvature='cross' needs the whole AlignmentState (its per-sample "
+                                      f"projections C), got a {type(state).__name__}: load the state file whole on "
+                                      "every rank (C is N x Σ k·k' floats, independent of the layer widths)")
         self._cross_idx, cross = _layers.cross_curvature(self.entries, state)
         return cross
 
     def _factors(self):  # (Ls, Rs, scales): ΔW = s · L @ R in the base weight's orientation
         return _layers.factors(self.entries)
 
-    def _half_sq_norm(self, factors) -> Tensor:
-        """½·Σ_l ‖ΔW_l‖²_F (the identity metric). Under FSDP2 (DTensor factors) every rank gathers the factors whole
+    def _of_whole_factors(self, fn, factors) -> Tensor:
+        """``fn(Ls, Rs, scales)`` of the whole factors. Under FSDP2 (DTensor factors) every rank gathers them whole
         (``agl.distributed.gather_whole``) and forms the same value; the gather's backward sums the ranks'
         gradients, which here are the whole gradient on every rank, so each rank's is divided by the world size
         (the value is untouched): the LoRA shards get ∇ once, the mean over ranks as for the other terms."""
         if self._sharded is None or not is_dtensor(self.entries[0].B):
-            return _layers.half_sq_norm(*factors)
+            return fn(*factors)
         whole = gather_whole([t for e in self.entries for t in (e.A, e.B)], self._sharded.group)
-        v = _layers.half_sq_norm(*_layers.factors(self.entries, whole))
+        v = fn(*_layers.factors(self.entries, whole))
         return v.detach() + (v - v.detach()) / self._sharded.world
+
+    def _half_sq_norm(self, factors) -> Tensor:
+        """½·Σ_l ‖ΔW_l‖²_F (the identity metric), from r x r Gram matrices; under FSDP2 of the gathered factors."""
+        return self._of_whole_factors(_layers.half_sq_norm, factors)
 
     def cross_nats(self, factors=None) -> Tensor:
         """The cross-layer align_nats ½·(1/ΣT)·Σ_n z_n² of the current factors (``agl.curvature``); needs
-        ``config.curvature == "cross"``."""
+        ``config.curvature == "cross"``. Under FSDP2 every rank forms it from the gathered factors and the whole
+        C (z couples the layers), as the identity metric does."""
         if self._cross is None:
             raise ValueError("AGLLoss.cross_nats: the config's curvature is not 'cross'")
-        return self._cross(*([x[i] for i in self._cross_idx] for x in factors or self._factors()))[0]
+        pick = lambda Ls, Rs, scales: self._cross(*([x[i] for i in self._cross_idx] for x in (Ls, Rs, scales)))[0]  # noqa: E731
+        return self._of_whole_factors(pick, factors or self._factors())
 
     def _term_matrix(self, backend: str, factors=None) -> Tensor:
         """(L, 4) terms of every entry (rows in ``self.entries`` order) from one ``agl_terms_grouped`` call, so a

@@ -54,6 +54,26 @@ def random_state(model, seed: int = 3):
     return AlignmentState(layers, num_samples=5, fisher_scale=1.0, num_tokens=40)
 
 
+def random_cross_state(model, n: int = 5, seed: int = 7):
+    """random_state with projected per-sample gradients C (n x 3 x 3 per layer) for the cross-layer metric."""
+    st = random_state(model)
+    g = torch.Generator().manual_seed(seed)
+    for ls in st.layers.values():
+        ls.C = 0.3 * torch.randn(n, 3, 3, generator=g, dtype=torch.float64)
+    st.cross_samples, st.cross_tokens = n, 11 * n
+    return st
+
+
+CROSS_CONFIGS = {"cross": dict(curvature="cross", lambda_align=2.0),  # the grouped op skipped: the cross term alone
+                 "cross_task": dict(curvature="cross", lambda_align=2.0, lambda_task=0.5, backend="torch")}
+
+
+def _cross(model, name):
+    from agl.loss import AGLConfig, AGLLoss
+
+    return AGLLoss(model, random_cross_state(model), AGLConfig(**CROSS_CONFIGS[name]))
+
+
 def fsdp2(model):
     from torch.distributed.fsdp import fully_shard
 
@@ -141,6 +161,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         res["l2"] = train_steps(model, AGLLoss(model, whole, AGLConfig.l2(RHO)), batches, world, rank)
         model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05))  # EWC: the whole ΔW, this rank's Fisher rows
         res["ewc"] = train_steps(model, AGLLoss(model, sharded, AGLConfig.ewc(lambda_align=1e3)), batches, world, rank)
+        for name in CROSS_CONFIGS:  # the cross-layer metric: gathered factors, the whole C on every rank
+            model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05))
+            res[name] = train_steps(model, _cross(model, name), batches, world, rank)
         # Fisher estimation on the FSDP2 model, its save at world size 2, and loads of single-process saves
         from agl.fisher import estimate_alignment_state
 
@@ -148,6 +171,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         est = estimate_alignment_state(model, tiny_batches(N_SAMPLES, BATCH), progress=False, dtype=torch.float64,
                                        keep_moments=True)
         res["estimate"] = _dump(est)
+        try:  # the cross curvature's second pass is single-process: refused before any Fisher pass
+            estimate_alignment_state(model, tiny_batches(N_SAMPLES, BATCH), progress=False, cross_curvature=True)
+            res["cross_estimate"] = "no error"
+        except NotImplementedError as err:
+            res["cross_estimate"] = str(err)
         est.save(os.path.join(out_dir, "saved_at_2"), fisher_dtype=torch.float64)
         res["loaded_dir"] = _dump(ShardedAlignmentState.load(os.path.join(out_dir, "saved_at_1")))
         res["loaded_file"] = _dump(ShardedAlignmentState.load(os.path.join(out_dir, "whole")))
@@ -168,6 +196,8 @@ def _uneven_worker(rank: int, world: int, port: int, out_dir: str):
             res[backend] = train_steps(model, _loss(model, st, backend, H), None, world, rank, world, with_task=False)
         model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R))
         res["l2"] = train_steps(model, _l2(model), None, world, rank, world, with_task=False)
+        model = fsdp2(tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R))
+        res["cross"] = train_steps(model, _cross(model, "cross"), None, world, rank, world, with_task=False)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -248,6 +278,39 @@ def test_l2_and_ewc_equal_single_process(ranks, uneven_ranks):
     model = tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R)
     single = train_steps(model, _l2(model), None, 1, 0, UNEVEN_WORLD, with_task=False)
     _assert_ranks_equal_single(uneven_ranks, "l2", single)
+
+
+@pytest.mark.slow
+def test_cross_curvature_equals_single_process(ranks, uneven_ranks):
+    """AGLConfig(curvature="cross") under FSDP2 (every rank the whole C and the gathered factors; z couples the
+    layers): alone (the grouped op skipped) and beside the row-sharded task term at world size 2 with the task loss,
+    and alone at world size 3 where a rank holds no lora_A row: value and gradients equal one process's."""
+    batches = tiny_batches(2 * BATCH, BATCH)
+    for name in CROSS_CONFIGS:
+        model = tiny_llama(dtype=torch.float64, init_b=0.05)
+        _assert_ranks_equal_single(ranks["ranks"], name, train_steps(model, _cross(model, name), batches, 1, 0))
+    model = tiny_llama(dtype=torch.float64, init_b=0.05, r=UNEVEN_R)
+    single = train_steps(model, _cross(model, "cross"), None, 1, 0, UNEVEN_WORLD, with_task=False)
+    _assert_ranks_equal_single(uneven_ranks, "cross", single)
+
+
+@pytest.mark.slow
+def test_cross_curvature_estimation_refused_on_ranks(ranks):
+    """estimate_alignment_state(cross_curvature=True) on the FSDP2 model raises (it used to return a state without C
+    after the whole Fisher pass: the check sat after the FSDP2 branch returned)."""
+    for r in ranks["ranks"]:
+        assert "single process" in r["cross_estimate"] and "world size 2" in r["cross_estimate"]
+
+
+def test_cross_curvature_refuses_a_sharded_state():
+    """A ShardedAlignmentState stores no C: the cross metric says so instead of "estimate it with C"."""
+    from agl.loss import AGLConfig, AGLLoss
+    from agl.sharded_state import ShardedAlignmentState
+
+    model = tiny_llama(dtype=torch.float64, init_b=0.05)
+    sharded = ShardedAlignmentState.shard(random_cross_state(model), 0, 1)
+    with pytest.raises(NotImplementedError, match="whole AlignmentState"):
+        AGLLoss(model, sharded, AGLConfig(curvature="cross"))
 
 
 def _skip_without_kernel(backend):

@@ -255,10 +255,21 @@ def test_reduction_vs_lora_on_compliance_averages_seeds():
         reduction_vs_lora(before, lora, run, 200, on="harm")
 
 
-def test_agl_cross_is_read_against_the_diagonal_frontier(tmp_path, ladder):
+def test_agl_cross_is_read_against_the_diagonal_frontier(tmp_path, ladder, monkeypatch):
     # AGL with the cross-layer metric is a method and a point (rule 14): rule 16 reads it against the λ frontier too
+    from agl.experiment import analysis
+
+    drawn = {}  # the frontier plots' points labelled AGL-cross: (x, y) per file
+
+    def spy(fig, path):
+        ax = fig.axes[0]
+        drawn[os.path.basename(str(path))] = [tuple(c.get_offsets()[0]) for c in ax.collections
+                                              if c.get_label() == "AGL, cross-layer metric"]
+    monkeypatch.setattr(analysis, "save_png", spy)
     runs = {**RUNS, "agl_cross": (0.48, 0.40, 0.50, 0.48)}  # at EM 0.48 the frontier has RR 0.60, complied 0.24
     rep = _build(tmp_path, ladder.replace(methods=[*ladder.methods, "agl_cross"]), runs)
+    assert drawn["frontier.png"] == [pytest.approx((0.48, 0.40))]
+    assert drawn["frontier_compliance.png"] == [pytest.approx((0.48, 0.50))]
     F = rep["frontier"]
     assert "agl_cross" not in F["pairwise"]  # not a baseline: no goal, no pairwise row
     p = F["matched_em"]["agl_cross"]["points"][0]

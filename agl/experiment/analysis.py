@@ -408,8 +408,8 @@ def plots(report: dict, out_dir: str) -> None:
 
 
 def _frontier_plot(F: dict, xk: str, yk: str, ylabel: str, path: str) -> None:
-    """Every kind's curve (LoRA as the shared λ = 0 point, then the kind's points by strength), Safe LoRA (eval
-    only) and the dev-chosen operating points (red circles), y = ``yk`` of each row's ``eval`` (or of the row
+    """Every kind's curve (LoRA as the shared λ = 0 point, then the kind's points by strength), Safe LoRA and AGL
+    with the cross-layer metric (eval only) and the dev-chosen operating points (red circles), y = ``yk`` of each row's ``eval`` (or of the row
     itself, for the dev keys)."""
     import matplotlib.pyplot as plt
 
@@ -431,6 +431,11 @@ def _frontier_plot(F: dict, xk: str, yk: str, ylabel: str, path: str) -> None:
     sl = F.get("safe_lora") or {}
     if not yk.startswith("dev_") and sl.get(yk) is not None:
         ax.scatter(sl["task_em"], sl[yk], marker="X", s=70, color="k", label="Safe LoRA", zorder=3)
+    # AGL with the cross-layer metric (a point, rule 14): its eval values as rule 16 read them
+    side = {"rr_unsafe_after": "rr", "unsafe_complied": "compliance"}.get(yk)
+    for p in ((F.get("matched_em") or {}).get("agl_cross") or {}).get("points", []) if side else []:
+        ax.scatter(p["task_em"], p[side]["baseline"], marker="P", s=80, color="C0", edgecolors="k", zorder=3,
+                   label=METHOD_LABELS["agl_cross"])
     for op in F["operating_points"].values():
         if op is not None:
             ax.scatter(*xy(next(r for r in F["points"] if r["label"] == op["label"])), s=160, facecolors="none",

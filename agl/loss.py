@@ -112,8 +112,10 @@ class AGLLoss:
         C (z couples the layers), as the identity metric does."""
         if self._cross is None:
             raise ValueError("AGLLoss.cross_nats: the config's curvature is not 'cross'")
-        pick = lambda Ls, Rs, scales: self._cross(*([x[i] for i in self._cross_idx] for x in (Ls, Rs, scales)))[0]  # noqa: E731
-        return self._of_whole_factors(pick, factors or self._factors())
+        def of_cross_layers(Ls, Rs, scales):  # the entries whose layer has C
+            return self._cross(*([x[i] for i in self._cross_idx] for x in (Ls, Rs, scales)))[0]
+
+        return self._of_whole_factors(of_cross_layers, factors or self._factors())
 
     def _term_matrix(self, backend: str, factors=None) -> Tensor:
         """(L, 4) terms of every entry (rows in ``self.entries`` order) from one ``agl_terms_grouped`` call, so a

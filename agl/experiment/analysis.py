@@ -409,8 +409,8 @@ def plots(report: dict, out_dir: str) -> None:
 
 def _frontier_plot(F: dict, xk: str, yk: str, ylabel: str, path: str) -> None:
     """Every kind's curve (LoRA as the shared λ = 0 point, then the kind's points by strength), Safe LoRA and AGL
-    with the cross-layer metric (eval only) and the dev-chosen operating points (red circles), y = ``yk`` of each row's ``eval`` (or of the row
-    itself, for the dev keys)."""
+    with the cross-layer metric (eval only) and the dev-chosen operating points (red circles), y = ``yk`` of each
+    row's ``eval`` (or of the row itself, for the dev keys)."""
     import matplotlib.pyplot as plt
 
 

@@ -433,7 +433,8 @@ def _frontier_plot(F: dict, xk: str, yk: str, ylabel: str, path: str) -> None:
         ax.scatter(sl["task_em"], sl[yk], marker="X", s=70, color="k", label="Safe LoRA", zorder=3)
     # AGL with the cross-layer metric (a point, rule 14): its eval values as rule 16 read them
     side = {"rr_unsafe_after": "rr", "unsafe_complied": "compliance"}.get(yk)
-    for p in ((F.get("matched_em") or {}).get("agl_cross") or {}).get("points", []) if side else []:
+    cross = (F.get("matched_em") or {}).get("agl_cross") or {}
+    for p in cross.get("points", []) if side else []:
         ax.scatter(p["task_em"], p[side]["baseline"], marker="P", s=80, color="C0", edgecolors="k", zorder=3,
                    label=METHOD_LABELS["agl_cross"])
     for op in F["operating_points"].values():
